@@ -1,0 +1,1147 @@
+"""A chat room that delivers every message to every open page at once, using HTTP long-polling.
+
+Run it:    python chatroom.py        then open http://127.0.0.1:8000/ in two browser windows
+Options:   python chatroom.py --help
+
+Everything lives in this file and Python's standard library: the web server is http.server, each
+connection gets its own thread, and messages are kept in an SQLite file. The page the browser loads
+is index.html, next to this file; chime.wav is the sound it plays.
+
+Long-polling in one paragraph
+-----------------------------
+The room has a *version*: a number that grows by one whenever anything in the room changes (a new
+message, a new name, someone arriving or leaving). A page asks `GET /api/poll?since=41`, meaning
+"I have seen everything up to version 41: what is new?". If the room is already past 41, the server
+answers at once. If not, it does not answer yet: the request is *parked*. Its thread waits on a
+threading.Condition until another thread changes the room and wakes it, or until a time-out (25 s)
+passes. Either way it answers, and the page at once asks again with the newest version it has. So
+a message reaches every open page within milliseconds, while an idle page costs one request every
+25 seconds: no WebSockets, and no asking every second "anything new?".
+
+    page A                              server                             page B
+    GET /api/poll?since=41  ------->    nothing newer: park A's thread
+                                                          <-------  POST /api/messages {"text": "hi"}
+                                        save "hi" as version 42,
+                                        then wake the parked threads
+                                                          ------->  201 {"message": {"id": 42, ...}}
+            <-------  200 {"version": 42, "messages": [{"id": 42, "text": "hi", ...}]}
+    GET /api/poll?since=42  ------->    park again
+
+How this file is organised
+--------------------------
+1. Settings: every number that shapes the room, with its unit and the reason for its value.
+2. The room: its version, the Condition parked polls wait on, and how a change wakes them.
+3. Presence: who is online.
+4. Identity: the cookie that says who you are, and the name you chose.
+5. Rate limiting: how often one person may post.
+6. Storage: SQLite. Nothing is announced to anyone before it is safely on disk.
+7. The HTTP handler: the routes, reading requests, writing answers.
+8. The server and main().
+"""
+
+import argparse
+import base64
+import collections
+import hashlib
+import http
+import http.server
+import json
+import math
+import re
+import secrets
+import selectors
+import signal
+import socket
+import sqlite3
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from urllib.parse import parse_qs
+
+# ==================================================================================================
+# 1. Settings
+# ==================================================================================================
+
+# Serving.
+DEFAULT_HOST = "127.0.0.1"  # this machine only; --host 0.0.0.0 lets others on the network join
+DEFAULT_PORT = 8000
+LISTEN_BACKLOG = 1024  # connections the kernel holds for us before accept(); the stdlib's 5 refuses a crowd
+DEFAULT_MAX_CLIENTS = 2500  # open connections (one thread each); past it newcomers get a quick 503
+REQUEST_TIMEOUT = 10  # seconds a client may take to send a request, or sit idle between two requests
+BUSY_RETRY_AFTER = 5  # seconds we ask a refused client to wait before trying again
+
+# Long-polling.
+DEFAULT_POLL_TIMEOUT = 25  # seconds a poll stays parked; well under the ~60 s after which proxies and
+#                            home routers cut a connection that carries no data
+MAX_POLL_TIMEOUT = 60
+MAX_PARKED_PER_USER = 6  # a browser opens at most 6 connections to one host, so only scripts exceed this
+PRESENCE_INTERVAL = 1.0  # seconds between presence checks, so arrivals and departures wake parked polls
+#                          at most once a second however many people come and go
+DEFAULT_ONLINE_WINDOW = 30  # seconds after their last poll that someone still counts as online
+SHUTDOWN_GRACE = 2.0  # seconds we give requests in progress to finish when the server stops
+
+# Messages and names.
+SNAPSHOT_SIZE = 100  # messages a page gets when it first loads
+MAX_BATCH = 500  # messages in one answer to a page that fell far behind; it asks again for the rest
+MAX_TEXT_LENGTH = 2000  # characters in one message
+MAX_NAME_LENGTH = 40  # characters in a name
+MAX_BODY_BYTES = 16 * 1024  # a JSON body larger than this is refused unread
+
+# Rate limits: at most COUNT messages in any SECONDS, for each (COUNT, SECONDS) pair.
+RATE_LIMITS = [(2, 3), (3, 10), (8, 60), (50, 600)]
+
+# Identity.
+SESSION_COOKIE = "sid"
+SESSION_MAX_AGE = 365 * 24 * 3600  # seconds the browser keeps the cookie
+SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{32}")  # what secrets.token_urlsafe(24) produces
+MAX_CACHED_USERS = 10_000  # users kept in memory; past this, those not online are forgotten (and
+#                            read back from the database when they return)
+
+# Storage.
+SCHEMA_VERSION = 1  # stored in the file as PRAGMA user_version, so we never touch a foreign file
+STORAGE_BUSY_TIMEOUT = 1.0  # seconds SQLite waits for a lock held elsewhere before a write fails
+
+# Every answer carries these: the page may run only its own script and style, may not be framed by
+# another site, and the browser must not guess content types or leak our address to other sites.
+# The page's inline <script> and <style> are allowed by their hashes, computed at start-up.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src {script}; style-src {style}; img-src 'self' data:; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+
+# ==================================================================================================
+# 2. The room: a version number, and a Condition that parked polls wait on
+# ==================================================================================================
+
+class Room:
+    """The room as all threads share it: its version, who is online, and the Condition to wait on.
+
+    Every change (a message, a rename, the online list) goes the same way: take the write lock,
+    give the change the next version number, save it to disk, and only then publish it in memory
+    and wake the parked polls. So no page ever sees something that a crash could take back, and
+    the versions a page sees only ever grow.
+    """
+
+    def __init__(self, storage, presence):
+        self.storage = storage
+        self.presence = presence
+        self.version = storage.load_version()
+        self.online = []  # [{"id": ..., "name": ...}] as last announced
+        self.online_version = self.version  # the version at which `online` last changed
+        self.closing = False
+        # Two locks, so that waiting for the disk never holds up the parked polls:
+        # _write_lock puts writers in a line (one version number each, saved in order);
+        # _changed guards the fields above and is the Condition that parked polls wait on.
+        self._write_lock = threading.Lock()
+        self._changed = threading.Condition()
+        self._answers = {}  # since -> the answer's shared part, encoded, for the current version
+
+    # --- Waiting and waking ----------------------------------------------------------------------
+
+    def wait_for_change(self, since, timeout, poll):
+        """Park the calling thread until the room is newer than `since`, or `timeout` seconds pass.
+
+        Also returns early when the room is closing, or when `poll` is released because its user
+        opened too many polls. The caller answers in every case; a time-out just means "no news".
+        """
+        deadline = time.monotonic() + timeout
+        waited = False
+        with self._changed:
+            while self.version <= since and not self.closing and not poll.released:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                waited = True
+                self._changed.wait(remaining)
+            if waited and self.version > since:
+                # Wake the next parked poll, which wakes the one after it, and so on: a relay.
+                # notify_all() would wake a thousand threads at once to fight over this lock and
+                # the GIL, and the thread that posted the message would wait behind all of them.
+                self._changed.notify()
+
+    def _publish(self, version, online=None):
+        """Make a saved change visible, and wake the first parked poll (see wait_for_change)."""
+        with self._changed:
+            self.version = version
+            if online is not None:
+                self.online = online
+                self.online_version = version
+            self._answers = {}
+            self._changed.notify()
+
+    def close(self):
+        """Wake every parked poll so that it answers, and refuse to park new ones."""
+        with self._changed:
+            self.closing = True
+            self._changed.notify_all()
+
+    # --- Answering a poll ------------------------------------------------------------------------
+
+    def poll(self, user, since, timeout, connection=None, present=True):
+        """Answer `GET /api/poll`: at once if the page is behind, otherwise once something changes.
+
+        `since` is None for a page that has nothing yet; it gets a snapshot. A `since` newer than
+        the room means the page knew a room that is gone (say, the data file was replaced): it
+        gets a snapshot too, at once, instead of waiting for a version that may never come.
+        `present` says whether this poll makes `user` count as online.
+        Returns the answer's JSON body as bytes.
+        """
+        if present:
+            self.presence.touch(user)
+        if since is not None and since <= self.version and not self.closing:
+            poll = ParkedPoll(user, connection)
+            if present:
+                self._park(poll)
+            try:
+                self.wait_for_change(since, timeout, poll)
+            finally:
+                if present:
+                    self.presence.unpark(poll)
+        return self.answer(since, user)
+
+    def _park(self, poll):
+        """Register a parked poll; if its user now has too many, release their oldest one."""
+        oldest = self.presence.park(poll)
+        if oldest is not None:
+            with self._changed:
+                oldest.released = True
+                # Rare (only scripts open this many polls), so waking everyone here is acceptable.
+                self._changed.notify_all()
+
+    def answer(self, since, user):
+        """The JSON answer to a poll that has seen `since`: what changed after it, or a snapshot.
+
+        When a message wakes a thousand parked polls they all ask for the same thing, so the
+        shared part of the answer is encoded once per version and reused; only the short "you"
+        part differs from one reader to the next, and is added at the end.
+        """
+        with self._changed:
+            version = self.version
+            snapshot = since is None or since > version
+            key = None if snapshot else since
+            shared = self._answers.get(key)
+            online = self.online if snapshot or self.online_version > since else None
+        if shared is None:
+            shared = self._encode_answer(since, version, snapshot, online)
+            with self._changed:
+                if self.version == version:
+                    self._answers[key] = shared
+        return shared[:-1] + b',"you":' + encode_json(user.public()) + b"}"
+
+    def _encode_answer(self, since, version, snapshot, online):
+        if snapshot:
+            messages = self.storage.latest_messages(version, SNAPSHOT_SIZE)
+        else:
+            messages = self.storage.messages_after(since, version, MAX_BATCH)
+            if len(messages) == MAX_BATCH:
+                version = messages[-1]["id"]  # the page continues from here with its next poll
+        fields = {"version": version, "messages": messages}
+        if online is not None:
+            fields["online"] = online
+        return encode_json(fields)
+
+    # --- Changing the room -----------------------------------------------------------------------
+
+    def add_message(self, user, text):
+        """Save a message and announce it. Raises StorageError, having announced nothing."""
+        with self._write_lock:
+            message = {
+                "id": self.version + 1,  # a message's id is the version its arrival created
+                "user": user.id,
+                "name": user.name,
+                "text": text,
+                "time": int(time.time() * 1000),
+            }
+            self.storage.save_message(message, user)
+            self._publish(message["id"])
+        return message
+
+    def rename(self, user, name):
+        """Save a user's new name and announce it. Raises StorageError, having changed nothing."""
+        with self._write_lock:
+            version = self.version + 1
+            self.storage.save_name(user, name, version)
+            user.name = name
+            self._publish(version, online=self.presence.online_list())
+
+    def refresh_presence(self):
+        """Announce the online list if it changed. Called once a second by a background thread."""
+        online = self.presence.online_list()
+        if online == self.online:
+            return
+        with self._write_lock:
+            version = self.version + 1
+            self.storage.save_version(version)
+            self._publish(version, online=online)
+
+
+# ==================================================================================================
+# 3. Presence: who is online
+# ==================================================================================================
+
+class ParkedPoll:
+    """One poll waiting in Room.wait_for_change(), as Presence keeps track of it."""
+
+    def __init__(self, user, connection):
+        self.user = user
+        self.connection = connection  # the socket, to notice when the page has gone away
+        self.released = False  # set to answer this poll early
+
+
+class Presence:
+    """Who is online: anyone with a parked poll, or whose last poll is within the online window.
+
+    A parked thread does not read its socket, so it cannot notice that its page was closed. To
+    notice anyway, every parked socket is registered with a selector: when the browser closes the
+    connection, the socket becomes readable with nothing to read, and that poll stops counting.
+    """
+
+    def __init__(self, window):
+        self.window = window
+        self._lock = threading.Lock()
+        self._last_seen = {}  # user id -> (User, time.monotonic() of their last poll)
+        self._parked = collections.defaultdict(list)  # user id -> [ParkedPoll, ...], oldest first
+        self._selector = selectors.DefaultSelector()
+
+    def touch(self, user):
+        with self._lock:
+            self._last_seen[user.id] = (user, time.monotonic())
+
+    def park(self, poll):
+        """Count a parked poll. Returns the user's oldest parked poll if they now have too many."""
+        with self._lock:
+            polls = self._parked[poll.user.id]
+            polls.append(poll)
+            self._watch(poll)
+            if len(polls) > MAX_PARKED_PER_USER:
+                oldest = polls.pop(0)
+                self._unwatch(oldest)
+                return oldest
+        return None
+
+    def unpark(self, poll):
+        with self._lock:
+            polls = self._parked.get(poll.user.id, [])
+            if poll not in polls:
+                return  # released, or its page went away: it no longer counts as a visit
+            polls.remove(poll)
+            if not polls:
+                del self._parked[poll.user.id]
+            self._unwatch(poll)
+            self._last_seen[poll.user.id] = (poll.user, time.monotonic())
+
+    def is_online(self, user_id):
+        with self._lock:
+            return user_id in self._last_seen
+
+    def online_list(self):
+        """Forget who left, and return who is online, sorted by name."""
+        now = time.monotonic()
+        with self._lock:
+            self._forget_closed_connections()
+            for user_id, (user, seen) in list(self._last_seen.items()):
+                if user_id not in self._parked and now - seen > self.window:
+                    del self._last_seen[user_id]
+            users = [user for user, _ in self._last_seen.values()]
+        users.sort(key=lambda user: (user.name.casefold(), user.id))
+        return [user.public() for user in users]
+
+    def _watch(self, poll):
+        if poll.connection is not None:
+            self._selector.register(poll.connection, selectors.EVENT_READ, poll)
+
+    def _unwatch(self, poll):
+        if poll.connection is not None:
+            try:
+                self._selector.unregister(poll.connection)
+            except (KeyError, ValueError):
+                pass  # already gone
+
+    def _forget_closed_connections(self):
+        try:
+            ready = self._selector.select(timeout=0)
+        except (OSError, ValueError):
+            return  # e.g. too many sockets for select() on Windows: rely on time-outs alone
+        for key, _ in ready:
+            poll = key.data
+            if not peer_has_closed(poll.connection):
+                continue
+            self._unwatch(poll)
+            polls = self._parked.get(poll.user.id, [])
+            if poll in polls:
+                polls.remove(poll)
+                if not polls:
+                    del self._parked[poll.user.id]
+
+
+def peer_has_closed(connection):
+    """True if the other end closed a socket that select() reported readable."""
+    try:
+        return connection.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+# ==================================================================================================
+# 4. Identity: a cookie says who you are
+# ==================================================================================================
+
+class User:
+    """A person as the room knows them: a secret session id, a public id and a display name.
+
+    The public id is derived from the session id, so someone who has never posted or renamed
+    needs no stored record at all, yet keeps the same id and default name across restarts.
+    """
+
+    def __init__(self, sid, name=None):
+        self.sid = sid
+        self.id = hashlib.sha256(sid.encode("ascii")).hexdigest()[:16]
+        self.name = name or f"Guest {int(self.id, 16) % 9000 + 1000}"
+
+    def public(self):
+        return {"id": self.id, "name": self.name}
+
+
+class Sessions:
+    """Finds the User behind a session cookie: in memory if we can, else in the database."""
+
+    def __init__(self, storage, presence):
+        self.storage = storage
+        self.presence = presence
+        self._users = {}  # sid -> User
+        self._lock = threading.Lock()
+
+    def user_for(self, sid):
+        user = self._users.get(sid)
+        if user is None:
+            user = User(sid, self.storage.load_name(sid))
+            with self._lock:
+                if len(self._users) >= MAX_CACHED_USERS:
+                    self._forget_offline_users()
+                user = self._users.setdefault(sid, user)
+        return user
+
+    def _forget_offline_users(self):
+        self._users = {sid: user for sid, user in self._users.items()
+                       if self.presence.is_online(user.id)}
+
+
+def new_session_id():
+    return secrets.token_urlsafe(24)
+
+
+# ==================================================================================================
+# 5. Rate limiting
+# ==================================================================================================
+
+class RateLimiter:
+    """Remembers when each user posted, and says how long they must wait before posting again."""
+
+    def __init__(self, limits):
+        self.limits = limits
+        self.longest = max(seconds for _, seconds in limits)
+        self._times = {}  # user id -> deque of time.monotonic() of accepted posts, oldest first
+        self._lock = threading.Lock()
+
+    def try_acquire(self, user_id):
+        """Count a post now, or return (seconds to wait, (count, seconds) of the limit hit)."""
+        now = time.monotonic()
+        with self._lock:
+            if len(self._times) > MAX_CACHED_USERS:
+                self._forget_old_posts(now)
+            times = self._times.setdefault(user_id, collections.deque())
+            while times and now - times[0] >= self.longest:
+                times.popleft()
+            worst = None
+            for count, seconds in self.limits:
+                recent = [t for t in times if now - t < seconds]
+                if len(recent) >= count:
+                    # Posting is allowed again once the oldest of the last `count` posts is
+                    # more than `seconds` old.
+                    wait = recent[-count] + seconds - now
+                    if worst is None or wait > worst[0]:
+                        worst = (wait, (count, seconds))
+            if worst is None:
+                times.append(now)
+            return worst
+
+    def refund(self, user_id):
+        """Take back the last counted post: it could not be saved, so it does not count."""
+        with self._lock:
+            times = self._times.get(user_id)
+            if times:
+                times.pop()
+
+    def _forget_old_posts(self, now):
+        self._times = {user_id: times for user_id, times in self._times.items()
+                       if times and now - times[-1] < self.longest}
+
+
+# ==================================================================================================
+# 6. Storage: SQLite
+# ==================================================================================================
+
+class StorageError(Exception):
+    """The data file could not be read or written. Nothing was acknowledged."""
+
+
+SCHEMA = f"""
+BEGIN;
+CREATE TABLE room (version INTEGER NOT NULL);
+INSERT INTO room VALUES (0);
+CREATE TABLE users (sid TEXT PRIMARY KEY, id TEXT NOT NULL, name TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE messages (
+    id INTEGER PRIMARY KEY,
+    user TEXT NOT NULL,
+    name TEXT NOT NULL,
+    text TEXT NOT NULL,
+    time INTEGER NOT NULL
+);
+PRAGMA user_version = {SCHEMA_VERSION};
+COMMIT;
+"""
+
+
+class Storage:
+    """The room's SQLite file: messages, named users, and the room's version.
+
+    Two connections: one that writes (used by one thread at a time, under Room's write lock) and
+    one that reads. In WAL mode readers never wait for the writer, so a slow disk slows posting
+    but never delays an answer to a poll. Every write is committed with synchronous=FULL before
+    it returns: what we acknowledge has reached the disk and survives a crash.
+    """
+
+    def __init__(self, path):
+        self.path = str(path)
+        self._writer = self._connect()
+        try:
+            self._check_or_create_schema()
+            self._writer.execute("PRAGMA journal_mode = WAL")
+            self._writer.execute("PRAGMA synchronous = FULL")
+            self._writer.execute("BEGIN IMMEDIATE")  # fails now, not at the first post, if read-only
+            self._writer.execute("COMMIT")
+        except sqlite3.Error as error:
+            self._writer.close()
+            raise StorageError(error) from error
+        self._reader = self._connect()
+        self._read_lock = threading.Lock()
+
+    def _connect(self):
+        try:
+            return sqlite3.connect(self.path, timeout=STORAGE_BUSY_TIMEOUT,
+                                   isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as error:
+            raise StorageError(error) from error
+
+    def _check_or_create_schema(self):
+        """Create the tables in a new file; refuse a file that some other program made."""
+        try:
+            tables = {row[0] for row in self._writer.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            version = self._writer.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.DatabaseError as error:
+            raise StorageError(f"it is not an SQLite database ({error})") from error
+        if not tables and version == 0:
+            self._writer.executescript(SCHEMA)
+        elif version != SCHEMA_VERSION or not {"room", "users", "messages"} <= tables:
+            raise StorageError("it is an SQLite database, but not one this chat room made "
+                               f"(schema version {version}, tables {sorted(tables)})")
+
+    def close(self):
+        self._reader.close()
+        self._writer.close()
+
+    # --- Writing (one thread at a time: the caller holds Room's write lock) ------------------------
+
+    def save_message(self, message, user):
+        self._write([
+            ("INSERT INTO messages VALUES (:id, :user, :name, :text, :time)", message),
+            ("INSERT OR IGNORE INTO users VALUES (?, ?, ?)", (user.sid, user.id, user.name)),
+            ("UPDATE room SET version = ?", (message["id"],)),
+        ])
+
+    def save_name(self, user, name, version):
+        self._write([
+            ("INSERT OR REPLACE INTO users VALUES (?, ?, ?)", (user.sid, user.id, name)),
+            ("UPDATE room SET version = ?", (version,)),
+        ])
+
+    def save_version(self, version):
+        self._write([("UPDATE room SET version = ?", (version,))])
+
+    def _write(self, statements):
+        """Run statements in one transaction and commit; on any failure, roll back and raise."""
+        try:
+            self._writer.execute("BEGIN IMMEDIATE")
+            for sql, parameters in statements:
+                self._writer.execute(sql, parameters)
+            self._writer.execute("COMMIT")
+        except sqlite3.Error as error:
+            if self._writer.in_transaction:
+                try:
+                    self._writer.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # the connection rolls back by itself when it can
+            raise StorageError(error) from error
+
+    # --- Reading -----------------------------------------------------------------------------------
+
+    def load_version(self):
+        return self._read_one("SELECT version FROM room")[0]
+
+    def load_name(self, sid):
+        row = self._read_one("SELECT name FROM users WHERE sid = ?", (sid,))
+        return row[0] if row else None
+
+    def latest_messages(self, upto, count):
+        """The last `count` messages with id <= upto, oldest first."""
+        rows = self._read_all(
+            "SELECT * FROM messages WHERE id <= ? ORDER BY id DESC LIMIT ?", (upto, count))
+        return [message_from_row(row) for row in reversed(rows)]
+
+    def messages_after(self, since, upto, limit):
+        """Messages with since < id <= upto, oldest first, at most `limit` of them."""
+        rows = self._read_all(
+            "SELECT * FROM messages WHERE id > ? AND id <= ? ORDER BY id LIMIT ?",
+            (since, upto, limit))
+        return [message_from_row(row) for row in rows]
+
+    def _read_one(self, sql, parameters=()):
+        return self._read(sql, parameters, lambda cursor: cursor.fetchone())
+
+    def _read_all(self, sql, parameters=()):
+        return self._read(sql, parameters, lambda cursor: cursor.fetchall())
+
+    def _read(self, sql, parameters, fetch):
+        try:
+            with self._read_lock:
+                return fetch(self._reader.execute(sql, parameters))
+        except sqlite3.Error as error:
+            raise StorageError(error) from error
+
+
+def message_from_row(row):
+    message_id, user_id, name, text, sent = row
+    return {"id": message_id, "user": user_id, "name": name, "text": text, "time": sent}
+
+
+def encode_json(value):
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+# ==================================================================================================
+# 7. The HTTP handler
+# ==================================================================================================
+
+class RequestError(Exception):
+    """A request we refuse: becomes a JSON answer {"error": message, ...} with this status."""
+
+    def __init__(self, status, message, headers=(), **fields):
+        super().__init__(message)
+        self.status = status
+        self.body = {"error": message, **fields}
+        self.headers = list(headers)
+
+
+class ChatHandler(http.server.BaseHTTPRequestHandler):
+    """Serves one connection: reads each request, calls the room, writes one answer per request.
+
+    http.server parses the request line and headers and calls do_GET, do_POST, ...; they all go
+    to dispatch(), which looks the path up in ROUTES (at the end of this section).
+    """
+
+    protocol_version = "HTTP/1.1"  # keep-alive: a page's next poll reuses the same connection
+    timeout = REQUEST_TIMEOUT  # a socket time-out: a client that stalls mid-request is dropped
+
+    def setup(self):
+        super().setup()
+        # Send each answer the moment it is written. Without this, Nagle's algorithm may hold
+        # a small answer back for up to 40 ms waiting for an acknowledgement from the client.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.new_sid = None
+
+    def do_GET(self):
+        self.dispatch()
+
+    do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET
+
+    def dispatch(self):
+        path, _, query = self.path.partition("?")
+        methods = ROUTES.get(path)
+        if self.command != "POST" and self.headers.get("Content-Length", "0") != "0":
+            self.close_connection = True  # a body we will not read must not be taken for a request
+        with self.server.request_in_progress():
+            try:
+                self.check_host()
+                if methods is None:
+                    raise RequestError(404, f"There is nothing at {path[:100]!r}.")
+                action = methods.get("GET" if self.command == "HEAD" else self.command)
+                if action is None:
+                    allowed = ", ".join(sorted(methods))
+                    raise RequestError(405, f"{path} accepts only {allowed}.",
+                                       headers=[("Allow", allowed)])
+                action(self, query)
+            except RequestError as refusal:
+                self.send_json(refusal.status, refusal.body, refusal.headers)
+            except StorageError as error:
+                self.log_message("storage failed: %s", error)
+                self.send_json(503, {"error": "The server could not save or read the room's data. "
+                                              "Please try again in a moment."},
+                               [("Retry-After", "1")])
+            except (ConnectionError, TimeoutError):
+                raise  # the client went away: one line in the log (ChatServer.handle_error)
+            except Exception:
+                self.log_message("error in %s:\n%s", self.requestline, traceback.format_exc())
+                self.close_connection = True
+                self.send_json(500, {"error": "Something went wrong on the server. "
+                                              "It has been logged."})
+
+    # --- The routes ------------------------------------------------------------------------------
+
+    def serve_page(self, query):
+        self.send(200, self.server.page, "text/html; charset=utf-8", [("Cache-Control", "no-cache")])
+
+    def serve_chime(self, query):
+        self.send(200, self.server.chime, "audio/wav", [("Cache-Control", "max-age=86400")])
+
+    def poll(self, query):
+        params = parse_qs(query)
+        since = parse_number(params, "since", integer=True)
+        timeout = parse_number(params, "timeout")
+        timeout = self.server.poll_timeout if timeout is None else min(timeout, MAX_POLL_TIMEOUT)
+        # A client that sent no cookie is given one, but does not count as online until it comes
+        # back with it: so a script that ignores cookies cannot fill the online list.
+        user = self.session_user()
+        present = user is not None
+        if not present:
+            self.new_sid = new_session_id()
+            user = User(self.new_sid)
+        body = self.server.room.poll(user, since, timeout, self.connection, present)
+        if self.server.room.closing:
+            self.close_connection = True
+        self.send(200, body, "application/json")
+
+    def post_message(self, query):
+        self.check_origin()
+        user = self.required_user()
+        text = self.read_json_field("text")
+        check_text(text, "message", MAX_TEXT_LENGTH)
+        if not text.strip():
+            raise RequestError(400, "The message is empty.")
+        limited = self.server.limiter.try_acquire(user.id)
+        if limited:
+            wait, (count, seconds) = limited
+            raise RequestError(
+                429, f"You are posting too fast: at most {count} messages in {seconds} seconds. "
+                     f"You can post again in {math.ceil(wait)} s.",
+                headers=[("Retry-After", str(max(1, math.ceil(wait))))],
+                retry_after=round(wait, 3), limit={"count": count, "seconds": seconds})
+        try:
+            message = self.server.room.add_message(user, text)
+        except StorageError as error:
+            self.server.limiter.refund(user.id)
+            self.log_message("could not save a message: %s", error)
+            raise RequestError(503, "The server could not save your message, so it was not "
+                                    "sent. Please try again in a moment.",
+                               headers=[("Retry-After", "1")]) from error
+        self.send_json(201, {"message": message})
+
+    def rename(self, query):
+        self.check_origin()
+        user = self.required_user()
+        name = self.read_json_field("name")
+        check_text(name, "name", MAX_NAME_LENGTH)
+        name = name.strip()
+        if not name:
+            raise RequestError(400, "The name is empty.")
+        if any(character in name for character in "\n\t"):
+            raise RequestError(400, "A name must be on one line.")
+        self.server.room.rename(user, name)
+        self.send_json(200, {"you": user.public()})
+
+    # --- Who is asking -----------------------------------------------------------------------------
+
+    def session_user(self):
+        """The User whose cookie came with this request, or None if there was no valid cookie."""
+        sid = cookie_value(self.headers.get("Cookie", ""), SESSION_COOKIE)
+        if sid is None or not SESSION_ID_PATTERN.fullmatch(sid):
+            return None
+        return self.server.sessions.user_for(sid)
+
+    def required_user(self):
+        user = self.session_user()
+        if user is None:
+            self.new_sid = new_session_id()
+            raise RequestError(403, "This request came without the session cookie. Load the room "
+                                    "first; with curl, keep cookies: curl -c jar -b jar ...")
+        return user
+
+    def check_host(self):
+        """Refuse a Host we do not serve: a defence against DNS rebinding.
+
+        A hostile web page can point its own domain name at 127.0.0.1 and then talk to us as
+        if it were us. Its requests still carry its own name in Host, so we can tell.
+        """
+        allowed = self.server.allowed_hosts
+        host = self.headers.get("Host")
+        if allowed is None or host is None:
+            return
+        name = host.rsplit("]", 1)[0] + "]" if host.startswith("[") else host.rsplit(":", 1)[0]
+        if name.lower() not in allowed:
+            self.close_connection = True
+            raise RequestError(421, f"This server does not answer for the host {host[:100]!r}.")
+
+    def check_origin(self):
+        """Refuse a POST that another web site's page sends with the visitor's browser (CSRF)."""
+        origin = self.headers.get("Origin")
+        fetch_site = self.headers.get("Sec-Fetch-Site", "same-origin")
+        if origin is not None and origin != f"http://{self.headers.get('Host', '')}":
+            raise RequestError(403, "Posting is allowed only from this chat room's own page.")
+        if fetch_site not in ("same-origin", "none"):
+            raise RequestError(403, "Posting is allowed only from this chat room's own page.")
+
+    # --- Reading a JSON body -----------------------------------------------------------------------
+
+    def read_json_field(self, field):
+        """Read the request's JSON object and return its `field`, which must be a string."""
+        data = self.read_json()
+        value = data.get(field)
+        if not isinstance(value, str):
+            raise RequestError(400, f'The JSON object needs a "{field}" string.')
+        return value
+
+    def read_json(self):
+        if "Transfer-Encoding" in self.headers:
+            self.close_connection = True
+            raise RequestError(411, "Send the body with a Content-Length, not chunked.")
+        length = self.headers.get("Content-Length")
+        if length is None:
+            self.close_connection = True
+            raise RequestError(411, "The request needs a Content-Length header.")
+        if not length.isdigit():
+            self.close_connection = True
+            raise RequestError(400, "The Content-Length header is not a number.")
+        if int(length) > MAX_BODY_BYTES:
+            self.close_connection = True
+            raise RequestError(413, f"The body is larger than {MAX_BODY_BYTES} bytes.")
+        body = self.rfile.read(int(length))
+        if len(body) < int(length):
+            raise ConnectionError("the client closed the connection in the middle of its body")
+        content_type = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            # Also a CSRF defence: a plain HTML form on another site cannot send this type.
+            raise RequestError(415, "Send the body as JSON, with Content-Type: application/json.")
+        try:
+            data = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise RequestError(400, "The body is not valid JSON in UTF-8.") from None
+        if not isinstance(data, dict):
+            raise RequestError(400, "The body must be a JSON object.")
+        return data
+
+    # --- Writing an answer -------------------------------------------------------------------------
+
+    def send_json(self, status, value, headers=()):
+        self.send(status, encode_json(value), "application/json", headers)
+
+    def send(self, status, body, content_type, headers=()):
+        """Write the status line, the headers and the body with a single write to the socket."""
+        lines = [
+            f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}",
+            f"Content-Type: {content_type}",
+            f"Content-Length: {len(body)}",
+            *self.server.common_headers,
+        ]
+        if not any(name == "Cache-Control" for name, _ in headers):
+            lines.append("Cache-Control: no-store")  # API answers are never reused from a cache
+        lines += [f"{name}: {value}" for name, value in headers]
+        if getattr(self, "new_sid", None):
+            lines.append(f"Set-Cookie: {SESSION_COOKIE}={self.new_sid}; Max-Age={SESSION_MAX_AGE}; "
+                         "Path=/; HttpOnly; SameSite=Strict")
+            self.new_sid = None
+        if self.close_connection:
+            lines.append("Connection: close")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        self.wfile.write(head if self.command == "HEAD" else head + body)
+        if status >= 400:
+            self.log_message('"%s" %s', self.requestline[:200], status)
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server calls this for requests it cannot parse; answer in JSON like the rest."""
+        self.close_connection = True
+        self.send_json(code, {"error": message or explain or http.HTTPStatus(code).phrase})
+
+
+def check_text(value, what, max_length):
+    if len(value) > max_length:
+        raise RequestError(400, f"The {what} is longer than {max_length} characters.")
+    if any(ord(character) < 32 and character not in "\n\t" for character in value):
+        raise RequestError(400, f"The {what} contains control characters.")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(400, f"The {what} is not valid Unicode.") from None
+
+
+def parse_number(params, name, integer=False):
+    """A non-negative number from the query string, or None if it is absent."""
+    if name not in params:
+        return None
+    text = params[name][-1]
+    try:
+        value = int(text) if integer else float(text)
+    except ValueError:
+        raise RequestError(400, f"{name} must be a non-negative "
+                                f"{'whole number' if integer else 'number'}.") from None
+    if not value >= 0:  # also refuses NaN
+        raise RequestError(400, f"{name} must be a non-negative number.")
+    return value
+
+
+def cookie_value(header, name):
+    for part in header.split(";"):
+        key, _, value = part.strip().partition("=")
+        if key == name:
+            return value
+    return None
+
+
+# What answers what: path -> {method: handler}. Nothing else is ever served.
+ROUTES = {
+    "/": {"GET": ChatHandler.serve_page},
+    "/chime.wav": {"GET": ChatHandler.serve_chime},
+    "/api/poll": {"GET": ChatHandler.poll},
+    "/api/messages": {"POST": ChatHandler.post_message},
+    "/api/name": {"POST": ChatHandler.rename},
+}
+
+
+# ==================================================================================================
+# 8. The server and main()
+# ==================================================================================================
+
+class ChatServer(http.server.ThreadingHTTPServer):
+    """ThreadingHTTPServer with a cap on open connections, and the room's shared objects."""
+
+    daemon_threads = True  # a thread stuck on a dead client must not keep the process alive
+    request_queue_size = LISTEN_BACKLOG
+
+    def __init__(self, address, room, sessions, limiter, page, chime, poll_timeout, max_clients):
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.room = room
+        self.sessions = sessions
+        self.limiter = limiter
+        self.page = page
+        self.chime = chime
+        self.poll_timeout = poll_timeout
+        self.max_clients = max_clients
+        self.open_connections = 0
+        self._busy = threading.Condition()
+        self._requests_in_progress = 0
+        self.common_headers = security_headers(page)
+        self.allowed_hosts = allowed_hosts(address[0])
+        super().__init__(address, ChatHandler)
+
+    def process_request(self, request, client_address):
+        """Start a thread for the connection, unless too many are open already."""
+        with self._busy:
+            full = self.open_connections >= self.max_clients
+            if not full:
+                self.open_connections += 1
+        if full:
+            refuse_connection(request)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except RuntimeError:  # the system would not start another thread
+            self._connection_closed()
+            refuse_connection(request)
+            self.shutdown_request(request)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._connection_closed()
+
+    def _connection_closed(self):
+        with self._busy:
+            self.open_connections -= 1
+
+    def request_in_progress(self):
+        """A context manager that counts requests being handled, so shutdown can wait for them."""
+        server = self
+
+        class Counting:
+            def __enter__(self):
+                with server._busy:
+                    server._requests_in_progress += 1
+
+            def __exit__(self, *exc_info):
+                with server._busy:
+                    server._requests_in_progress -= 1
+                    server._busy.notify_all()
+
+        return Counting()
+
+    def wait_for_requests(self, timeout):
+        with self._busy:
+            self._busy.wait_for(lambda: self._requests_in_progress == 0, timeout)
+
+    def handle_error(self, request, client_address):
+        """A client that hangs up or stalls is normal: one line. Anything else: a traceback."""
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError)):
+            log(f"{client_address[0]}: connection dropped ({type(error).__name__})")
+        else:
+            super().handle_error(request, client_address)
+
+
+def refuse_connection(request):
+    """Tell a client we are full, from the accepting thread, without starting a thread for it."""
+    body = encode_json({"error": "The chat room is full right now. Please try again soon."})
+    answer = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+              f"Content-Length: {len(body)}\r\nRetry-After: {BUSY_RETRY_AFTER}\r\n"
+              f"Connection: close\r\n\r\n").encode("latin-1") + body
+    try:
+        request.setblocking(False)
+        try:
+            request.recv(65536)  # read what has arrived, so closing does not reset the connection
+        except BlockingIOError:
+            pass
+        request.send(answer)
+    except OSError:
+        pass
+
+
+def security_headers(page):
+    """Headers for every answer, with the hashes of the page's inline script and style."""
+    def hashes(tag):
+        found = re.findall(rf"<{tag}>(.*?)</{tag}>".encode(), page, re.DOTALL)
+        digests = [hashlib.sha256(block).digest() for block in found]
+        return " ".join(f"'sha256-{base64.b64encode(digest).decode()}'" for digest in digests) \
+            or "'none'"
+
+    policy = CONTENT_SECURITY_POLICY.format(script=hashes("script"), style=hashes("style"))
+    return [
+        f"Content-Security-Policy: {policy}",
+        "X-Content-Type-Options: nosniff",
+        "Referrer-Policy: no-referrer",
+    ]
+
+
+def allowed_hosts(host):
+    """Host names a request may name when we listen on loopback; None (any) otherwise."""
+    loopback = {"127.0.0.1", "localhost", "::1", "[::1]"}
+    if host.lower() in loopback or host.startswith("127."):
+        return loopback | {host.lower()}
+    return None
+
+
+def keep_presence_fresh(room, stop):
+    """Background thread: once a second, announce arrivals and departures."""
+    while not stop.wait(PRESENCE_INTERVAL):
+        try:
+            room.refresh_presence()
+        except StorageError as error:
+            log(f"could not save a presence change, will retry: {error}")
+
+
+def log(text):
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def parse_arguments(argv):
+    parser = argparse.ArgumentParser(description="A chat room over HTTP long-polling.")
+    parser.add_argument("--host", default=DEFAULT_HOST,
+                        help="address to listen on (default %(default)s; 0.0.0.0 for everyone)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help="port to listen on (default %(default)s; 0 picks a free one)")
+    parser.add_argument("--data", default="chatroom.db",
+                        help="SQLite file for messages and names (default %(default)s)")
+    parser.add_argument("--poll-timeout", type=float, default=DEFAULT_POLL_TIMEOUT,
+                        metavar="SECONDS", help="how long a poll waits for news (default "
+                                                "%(default)s, at most 60)")
+    parser.add_argument("--online-window", type=float, default=DEFAULT_ONLINE_WINDOW,
+                        metavar="SECONDS", help="how long after their last poll someone counts "
+                                                "as online (default %(default)s)")
+    parser.add_argument("--max-clients", type=int, default=DEFAULT_MAX_CLIENTS, metavar="N",
+                        help="open connections before new ones are refused (default %(default)s)")
+    args = parser.parse_args(argv)
+    if not 0 <= args.poll_timeout <= MAX_POLL_TIMEOUT:
+        parser.error(f"--poll-timeout must be between 0 and {MAX_POLL_TIMEOUT}")
+    if args.online_window <= 0 or args.max_clients < 1:
+        parser.error("--online-window and --max-clients must be positive")
+    return args
+
+
+def read_beside_this_file(name):
+    path = Path(__file__).resolve().parent / name
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        sys.exit(f"chatroom: cannot read {path} ({error.strerror}); it must be next to chatroom.py.")
+
+
+def raise_open_file_limit():
+    """Each connection is an open file; many systems allow only 1024 unless asked."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
+    except (ImportError, ValueError, OSError):
+        pass  # not on this system (Windows), or not allowed: keep what we have
+
+
+def main(argv=None):
+    args = parse_arguments(argv)
+    page = read_beside_this_file("index.html")
+    chime = read_beside_this_file("chime.wav")
+    try:
+        storage = Storage(args.data)
+    except StorageError as error:
+        sys.exit(f"chatroom: cannot use the data file {args.data!r}: {error}")
+    raise_open_file_limit()
+    presence = Presence(args.online_window)
+    room = Room(storage, presence)
+    sessions = Sessions(storage, presence)
+    limiter = RateLimiter(RATE_LIMITS)
+    try:
+        server = ChatServer((args.host, args.port), room, sessions, limiter, page, chime,
+                            args.poll_timeout, args.max_clients)
+    except OSError as error:
+        storage.close()
+        sys.exit(f"chatroom: cannot listen on {args.host}:{args.port} ({error.strerror})")
+
+    host, port = server.server_address[:2]
+    shown_host = f"[{host}]" if ":" in host else host
+    print(f"Chat room running at http://{shown_host}:{port}/ (Ctrl-C to stop)", flush=True)
+
+    def stop_on_sigterm(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    stop = threading.Event()
+    threading.Thread(target=keep_presence_fresh, args=(room, stop), daemon=True).start()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop.set()
+        room.close()  # parked polls answer now
+        server.wait_for_requests(SHUTDOWN_GRACE)
+        server.server_close()
+        storage.close()
+        print("Chat room stopped.", flush=True)
+
+
+if __name__ == "__main__":
+    main()
