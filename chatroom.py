@@ -45,6 +45,7 @@ import collections
 import hashlib
 import http
 import http.server
+import io
 import json
 import math
 import re
@@ -69,17 +70,25 @@ DEFAULT_HOST = "127.0.0.1"  # this machine only; --host 0.0.0.0 lets others on t
 DEFAULT_PORT = 8000
 LISTEN_BACKLOG = 1024  # connections the kernel holds for us before accept(); the stdlib's 5 refuses a crowd
 DEFAULT_MAX_CLIENTS = 2500  # open connections (one thread each); past it newcomers get a quick 503
-REQUEST_TIMEOUT = 10  # seconds a client may take to send a request, or sit idle between two requests
+DEFAULT_REQUEST_TIMEOUT = 10  # seconds from the end of one answer until the next request has fully
+#                               arrived: a client that stalls, or sends a byte at a time, is dropped
 BUSY_RETRY_AFTER = 5  # seconds we ask a refused client to wait before trying again
+REFUSAL_LINGER = 2.0  # seconds a refused connection stays open so the client can read our 503
+MAX_LINGERING = 256  # refused connections kept open at once for that; past it they close at once
 
 # Long-polling.
 DEFAULT_POLL_TIMEOUT = 25  # seconds a poll stays parked; well under the ~60 s after which proxies and
 #                            home routers cut a connection that carries no data
 MAX_POLL_TIMEOUT = 60
 MAX_PARKED_PER_USER = 6  # a browser opens at most 6 connections to one host, so only scripts exceed this
+MAX_CACHED_ANSWERS = 8  # encoded answers kept per version (one per `since` asked about): a thousand
+#                        woken polls ask for the same one, and a script asking for every `since`
+#                        must not make us keep a megabyte-sized answer for each
 PRESENCE_INTERVAL = 1.0  # seconds between presence checks, so arrivals and departures wake parked polls
 #                          at most once a second however many people come and go
 DEFAULT_ONLINE_WINDOW = 30  # seconds after their last poll that someone still counts as online
+MAX_ONLINE = 1000  # people in the online list: every answer that carries the list carries them all,
+#                    and anyone can make up a cookie. Past this, newcomers are served but not listed
 SHUTDOWN_GRACE = 2.0  # seconds we give requests in progress to finish when the server stops
 
 # Messages and names.
@@ -227,7 +236,7 @@ class Room:
         if shared is None:
             shared = self._encode_answer(since, version, snapshot, online)
             with self._changed:
-                if self.version == version:
+                if self.version == version and len(self._answers) < MAX_CACHED_ANSWERS:
                     self._answers[key] = shared
         return shared[:-1] + b',"you":' + encode_json(user.public()) + b"}"
 
@@ -308,6 +317,11 @@ class Presence:
 
     def touch(self, user):
         with self._lock:
+            self._seen_now(user)
+
+    def _seen_now(self, user):
+        """Count `user` as online from now, unless the list is full (see MAX_ONLINE)."""
+        if user.id in self._last_seen or len(self._last_seen) < MAX_ONLINE:
             self._last_seen[user.id] = (user, time.monotonic())
 
     def park(self, poll):
@@ -331,7 +345,7 @@ class Presence:
             if not polls:
                 del self._parked[poll.user.id]
             self._unwatch(poll)
-            self._last_seen[poll.user.id] = (poll.user, time.monotonic())
+            self._seen_now(poll.user)
 
     def is_online(self, user_id):
         with self._lock:
@@ -648,6 +662,36 @@ class RequestError(Exception):
         self.headers = list(headers)
 
 
+class RequestReader(io.RawIOBase):
+    """The socket as http.server reads it, with one deadline for the whole request.
+
+    A socket time-out limits each wait for data, so on its own it lets a client that sends one
+    byte every few seconds hold a thread for ever (the "slowloris" attack). Here each read may
+    wait only for the time left until the deadline, which is set again before every request.
+    """
+
+    def __init__(self, connection, seconds):
+        self.connection = connection
+        self.seconds = seconds
+        self.start_deadline()
+
+    def readable(self):
+        return True
+
+    def start_deadline(self):
+        self.deadline = time.monotonic() + self.seconds
+
+    def readinto(self, buffer):
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("the request did not arrive in time")
+        self.connection.settimeout(remaining)
+        try:
+            return self.connection.recv_into(buffer)
+        finally:
+            self.connection.settimeout(self.seconds)  # writing an answer keeps the usual time-out
+
+
 class ChatHandler(http.server.BaseHTTPRequestHandler):
     """Serves one connection: reads each request, calls the room, writes one answer per request.
 
@@ -656,14 +700,22 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
     """
 
     protocol_version = "HTTP/1.1"  # keep-alive: a page's next poll reuses the same connection
-    timeout = REQUEST_TIMEOUT  # a socket time-out: a client that stalls mid-request is dropped
 
     def setup(self):
+        self.timeout = self.server.request_timeout  # super().setup() puts it on the socket
         super().setup()
         # Send each answer the moment it is written. Without this, Nagle's algorithm may hold
         # a small answer back for up to 40 ms waiting for an acknowledgement from the client.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.rfile.close()  # read through RequestReader instead, for its deadline
+        self.request_reader = RequestReader(self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self.request_reader)
         self.new_sid = None
+        self.body_pending = False
+
+    def handle_one_request(self):
+        self.request_reader.start_deadline()  # the next request must have arrived in time
+        super().handle_one_request()
 
     def do_GET(self):
         self.dispatch()
@@ -673,8 +725,11 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
     def dispatch(self):
         path, _, query = self.path.partition("?")
         methods = ROUTES.get(path)
-        if self.command != "POST" and self.headers.get("Content-Length", "0") != "0":
-            self.close_connection = True  # a body we will not read must not be taken for a request
+        # A body stays unread on the connection until read_json() reads it. If we answer before
+        # (a refusal, or a route that takes no body), send() closes the connection, or those
+        # bytes would be read as the next request.
+        self.body_pending = ("Transfer-Encoding" in self.headers
+                             or self.headers.get("Content-Length", "0") != "0")
         with self.server.request_in_progress():
             try:
                 self.check_host()
@@ -696,7 +751,10 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
             except (ConnectionError, TimeoutError):
                 raise  # the client went away: one line in the log (ChatServer.handle_error)
             except Exception:
-                self.log_message("error in %s:\n%s", self.requestline, traceback.format_exc())
+                # Through log(), not log_message(), which would flatten the traceback onto one
+                # line; the request line is repr()'d so that it cannot forge lines of its own.
+                log(f"{self.client_address[0]}: error in {self.requestline[:200]!r}:\n"
+                    f"{traceback.format_exc()}")
                 self.close_connection = True
                 self.send_json(500, {"error": "Something went wrong on the server. "
                                               "It has been logged."})
@@ -817,21 +875,19 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
 
     def read_json(self):
         if "Transfer-Encoding" in self.headers:
-            self.close_connection = True
             raise RequestError(411, "Send the body with a Content-Length, not chunked.")
         length = self.headers.get("Content-Length")
         if length is None:
-            self.close_connection = True
             raise RequestError(411, "The request needs a Content-Length header.")
-        if not length.isdigit():
-            self.close_connection = True
+        if not re.fullmatch(r"[0-9]+", length):  # not isdigit(): it also accepts "²"
             raise RequestError(400, "The Content-Length header is not a number.")
-        if int(length) > MAX_BODY_BYTES:
-            self.close_connection = True
+        digits = length.lstrip("0") or "0"  # int() refuses thousands of digits, so count them first
+        if len(digits) > len(str(MAX_BODY_BYTES)) or int(digits) > MAX_BODY_BYTES:
             raise RequestError(413, f"The body is larger than {MAX_BODY_BYTES} bytes.")
-        body = self.rfile.read(int(length))
-        if len(body) < int(length):
+        body = self.rfile.read(int(digits))
+        if len(body) < int(digits):
             raise ConnectionError("the client closed the connection in the middle of its body")
+        self.body_pending = False
         content_type = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if content_type != "application/json":
             # Also a CSRF defence: a plain HTML form on another site cannot send this type.
@@ -864,6 +920,8 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
             lines.append(f"Set-Cookie: {SESSION_COOKIE}={self.new_sid}; Max-Age={SESSION_MAX_AGE}; "
                          "Path=/; HttpOnly; SameSite=Strict")
             self.new_sid = None
+        if self.body_pending:
+            self.close_connection = True
         if self.close_connection:
             lines.append("Connection: close")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
@@ -931,7 +989,8 @@ class ChatServer(http.server.ThreadingHTTPServer):
     daemon_threads = True  # a thread stuck on a dead client must not keep the process alive
     request_queue_size = LISTEN_BACKLOG
 
-    def __init__(self, address, room, sessions, limiter, page, chime, poll_timeout, max_clients):
+    def __init__(self, address, room, sessions, limiter, page, chime, poll_timeout, max_clients,
+                 request_timeout=DEFAULT_REQUEST_TIMEOUT):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.room = room
         self.sessions = sessions
@@ -940,7 +999,9 @@ class ChatServer(http.server.ThreadingHTTPServer):
         self.chime = chime
         self.poll_timeout = poll_timeout
         self.max_clients = max_clients
+        self.request_timeout = request_timeout
         self.open_connections = 0
+        self._lingering = []  # (refused connection, time.monotonic() by which to close it)
         self._busy = threading.Condition()
         self._requests_in_progress = 0
         self.common_headers = security_headers(page)
@@ -954,15 +1015,42 @@ class ChatServer(http.server.ThreadingHTTPServer):
             if not full:
                 self.open_connections += 1
         if full:
-            refuse_connection(request)
-            self.shutdown_request(request)
+            self.refuse(request)
             return
         try:
             super().process_request(request, client_address)
         except RuntimeError:  # the system would not start another thread
             self._connection_closed()
-            refuse_connection(request)
+            self.refuse(request)
+
+    def refuse(self, request):
+        """Answer 503 from the accepting thread, without starting a thread for the connection.
+
+        Closing a socket that has unread data makes the system reset the connection, and a
+        client still sending its request would get that error instead of our answer. So the
+        connection stays open a moment (see service_actions) while we discard what arrives.
+        """
+        send_refusal(request, self.common_headers)
+        if len(self._lingering) >= MAX_LINGERING:
             self.shutdown_request(request)
+            return
+        try:
+            request.shutdown(socket.SHUT_WR)  # the client reads our answer, then the end
+        except OSError:
+            pass
+        self._lingering.append((request, time.monotonic() + REFUSAL_LINGER))
+
+    def service_actions(self):
+        """serve_forever() calls this after each accept and twice a second: close the refused
+        connections whose client has gone, or has had REFUSAL_LINGER seconds to read our 503."""
+        now = time.monotonic()
+        lingering = []
+        for connection, deadline in self._lingering:
+            if now < deadline and discard_input(connection):
+                lingering.append((connection, deadline))
+            else:
+                connection.close()
+        self._lingering = lingering
 
     def process_request_thread(self, request, client_address):
         try:
@@ -1003,21 +1091,31 @@ class ChatServer(http.server.ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
-def refuse_connection(request):
-    """Tell a client we are full, from the accepting thread, without starting a thread for it."""
+def send_refusal(request, common_headers):
+    """Tell a client we are full. Leaves the socket non-blocking, for discard_input()."""
     body = encode_json({"error": "The chat room is full right now. Please try again soon."})
-    answer = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-              f"Content-Length: {len(body)}\r\nRetry-After: {BUSY_RETRY_AFTER}\r\n"
-              f"Connection: close\r\n\r\n").encode("latin-1") + body
+    lines = ["HTTP/1.1 503 Service Unavailable", "Content-Type: application/json",
+             f"Content-Length: {len(body)}", f"Retry-After: {BUSY_RETRY_AFTER}",
+             *common_headers, "Cache-Control: no-store", "Connection: close"]
+    answer = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
     try:
         request.setblocking(False)
-        try:
-            request.recv(65536)  # read what has arrived, so closing does not reset the connection
-        except BlockingIOError:
-            pass
-        request.send(answer)
+        request.send(answer)  # a few hundred bytes: a new socket's buffer always has room
     except OSError:
         pass
+
+
+def discard_input(connection):
+    """Read and drop what a non-blocking socket has received. False once the client has closed."""
+    try:
+        for _ in range(16):  # at most 1 MiB per call, so a fast sender cannot keep us here
+            if not connection.recv(65536):
+                return False
+        return True
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
 
 
 def security_headers(page):
@@ -1054,7 +1152,10 @@ def keep_presence_fresh(room, stop):
 
 
 def log(text):
-    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+    # One write per line: print() writes the text and the newline separately, and another
+    # thread's line could land between them.
+    sys.stderr.write(f"[{time.strftime('%H:%M:%S')}] {text}\n")
+    sys.stderr.flush()
 
 
 def parse_arguments(argv):
@@ -1073,11 +1174,14 @@ def parse_arguments(argv):
                                                 "as online (default %(default)s)")
     parser.add_argument("--max-clients", type=int, default=DEFAULT_MAX_CLIENTS, metavar="N",
                         help="open connections before new ones are refused (default %(default)s)")
+    parser.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT,
+                        metavar="SECONDS", help="how long a client may take to send a request, "
+                                                "or stay idle between two (default %(default)s)")
     args = parser.parse_args(argv)
     if not 0 <= args.poll_timeout <= MAX_POLL_TIMEOUT:
         parser.error(f"--poll-timeout must be between 0 and {MAX_POLL_TIMEOUT}")
-    if args.online_window <= 0 or args.max_clients < 1:
-        parser.error("--online-window and --max-clients must be positive")
+    if args.online_window <= 0 or args.max_clients < 1 or args.request_timeout <= 0:
+        parser.error("--online-window, --max-clients and --request-timeout must be positive")
     return args
 
 
@@ -1115,7 +1219,7 @@ def main(argv=None):
     limiter = RateLimiter(RATE_LIMITS)
     try:
         server = ChatServer((args.host, args.port), room, sessions, limiter, page, chime,
-                            args.poll_timeout, args.max_clients)
+                            args.poll_timeout, args.max_clients, args.request_timeout)
     except OSError as error:
         storage.close()
         sys.exit(f"chatroom: cannot listen on {args.host}:{args.port} ({error.strerror})")

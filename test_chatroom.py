@@ -7,14 +7,19 @@ free port) and a data file in the test's temporary folder, so tests can also sto
 restart them. Waits are bounded: a test that would hang fails instead.
 """
 
+import base64
+import hashlib
 import http.client
 import json
 import os
+import random
 import re
 import secrets
+import select
 import signal
 import socket
 import sqlite3
+import struct
 import subprocess
 import sys
 import threading
@@ -22,6 +27,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+import chatroom
 
 ROOT = Path(__file__).resolve().parent
 CHATROOM = ROOT / "chatroom.py"
@@ -431,8 +438,8 @@ def test_name_and_identity_survive_a_restart(start_server):
 # --------------------------------------------------------------------------------------------------
 
 def test_presence_comes_online_and_goes_offline(start_server):
-    # Dora polls and shows up online; she stops polling and drops off after the window (1 s).
-    server = start_server("--online-window", "1", "--poll-timeout", "5")
+    # Dora polls and shows up online; she stops polling and drops off after the window (2 s).
+    server = start_server("--online-window", "2", "--poll-timeout", "5")
     dora, watcher = new_client(server), new_client(server)
     dora_id = dora.join()["you"]["id"]
     watcher.join()
@@ -741,3 +748,840 @@ def test_a_burst_of_connections_is_not_refused(server):
     finally:
         for connection in connections:
             connection.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Hostile clients and faults: the room keeps working and loses nothing
+# --------------------------------------------------------------------------------------------------
+
+def read_answer(source, method="GET"):
+    """Read one answer from a socket (or its file), checking it is well-formed HTTP.
+
+    Returns (status, headers with lower-case names, body), skipping a "100 Continue". Status 0
+    means the server closed the connection without answering.
+    """
+    reader = source.makefile("rb") if isinstance(source, socket.socket) else source
+    try:
+        while True:
+            status_line = reader.readline(1000)
+            if not status_line:
+                return 0, {}, b""
+            found = re.fullmatch(rb"HTTP/1\.1 (\d{3}) [^\r\n]+\r\n", status_line)
+            assert found, f"malformed status line {status_line!r}"
+            headers = {}
+            while True:
+                line = reader.readline(10_000)
+                assert line.endswith(b"\r\n"), f"header line cut short: {line!r}"
+                if line == b"\r\n":
+                    break
+                name, colon, value = line.decode("latin-1").partition(":")
+                assert colon and re.fullmatch(r"[A-Za-z0-9-]+", name), f"malformed header {line!r}"
+                headers[name.lower()] = value.strip()
+            status = int(found.group(1))
+            if status != 100:
+                break
+        if method == "HEAD":
+            return status, headers, b""
+        length = int(headers["content-length"])
+        body = reader.read(length)
+        assert len(body) == length, f"body of {len(body)} bytes, Content-Length said {length}"
+        return status, headers, body
+    finally:
+        if reader is not source:
+            reader.close()
+
+
+def exchange(port, data, method="GET", timeout=10):
+    """Send raw bytes on a new connection and read one answer: (status, headers, body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as connection:
+        connection.sendall(data)
+        return read_answer(connection, method)
+
+
+def answers_to(port, data, timeout=10):
+    """Send raw bytes, then read answers until the server closes: [(status, headers, body)]."""
+    answers = []
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as connection:
+        connection.sendall(data)
+        connection.shutdown(socket.SHUT_WR)
+        reader = connection.makefile("rb")  # one buffer for all answers, so none is lost
+        while True:
+            status, headers, body = read_answer(reader)
+            if not status:
+                return answers
+            answers.append((status, headers, body))
+
+
+def http_request(method, path, headers=None, body=b""):
+    """A request with the headers exactly as given (plus Content-Length for a body)."""
+    lines = [f"{method} {path} HTTP/1.1", *(f"{name}: {value}" for name, value in
+                                           (headers or {}).items())]
+    if body:
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def server_memory(server):
+    """The server process's resident memory in bytes (Linux), or None where /proc is missing."""
+    try:
+        status = Path(f"/proc/{server.process.pid}/status").read_text()
+    except OSError:
+        return None
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024
+
+
+def fill_room(server, count, text):
+    """Stop the server, store `count` messages with this text directly in its file, restart it."""
+    server.stop()
+    with sqlite3.connect(server.data) as db:
+        db.executemany("INSERT INTO messages VALUES (?, 'u', 'n', ?, 0)",
+                       [(i, text) for i in range(1, count + 1)])
+        db.execute("UPDATE room SET version = ?", (count,))
+    db.close()
+    server.start()
+
+
+def is_open(connection, wait=0):
+    """True if the server has neither answered nor closed this connection (within `wait` s)."""
+    return all_open([connection], wait)
+
+
+def all_open(connections, wait=0):
+    """True if the server has neither answered nor closed any of these (within `wait` s)."""
+    return not select.select(connections, [], [], wait)[0]
+
+
+def wait_until_online(client):
+    """Poll until `client` shows in the online list, so no arrival changes the room after this."""
+    me = client.poll(since=None)["you"]["id"]
+    wait_until(lambda: me in [person["id"] for person in client.poll(since=None)["online"]],
+               message="the client to be listed online")
+
+
+def test_full_server_answers_newcomers_503_and_keeps_its_clients(start_server):
+    # With 5 connections open (the cap), each newcomer gets a quick 503 in JSON with Retry-After,
+    # also one whose body comes a moment after its headers (closing on unread data would reset
+    # the connection before the client reads the 503); the 5 clients carry on undisturbed.
+    server = start_server("--max-clients", "5")
+    held = [http.client.HTTPConnection("127.0.0.1", server.port, timeout=10) for _ in range(5)]
+    for connection in held:
+        connection.request("GET", "/api/poll?timeout=0")
+        answer = connection.getresponse()
+        assert answer.status == 200 and answer.read()
+    sockets = [connection.sock for connection in held]
+    for attempt in range(20):
+        newcomer = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        started = time.monotonic()
+        try:
+            if attempt % 2:
+                newcomer.putrequest("POST", "/api/messages")
+                newcomer.putheader("Content-Type", "application/json")
+                newcomer.putheader("Content-Length", "13")
+                newcomer.endheaders()
+                time.sleep(0.02)
+                newcomer.send(b'{"text":"hi"}')
+            else:
+                newcomer.request("GET", "/api/poll?timeout=0")
+            answer = newcomer.getresponse()
+            body = answer.read()
+        except OSError as error:
+            raise AssertionError(f"newcomer {attempt} got {error!r} instead of a 503") from None
+        finally:
+            newcomer.close()
+        assert answer.status == 503, (attempt, answer.status, body)
+        assert time.monotonic() - started < 2, "the 503 was not quick"
+        assert int(answer.headers["Retry-After"]) > 0
+        assert answer.headers["Content-Type"] == "application/json" and json.loads(body)["error"]
+        assert answer.headers["X-Content-Type-Options"] == "nosniff"
+    for connection, sock in zip(held, sockets):
+        connection.request("GET", "/api/poll?timeout=0")
+        answer = connection.getresponse()
+        assert answer.status == 200 and answer.read()
+        assert connection.sock is sock, "a connected client lost its connection"
+        connection.close()
+    # Once they have gone, there is room again.
+    wait_until(lambda: exchange(server.port, b"GET /api/poll?timeout=0 HTTP/1.1\r\n"
+                                             b"Host: 127.0.0.1\r\n\r\n")[0] == 200,
+               message="a newcomer to be served once the others left")
+
+
+def test_too_many_parked_polls_release_the_oldest(start_server):
+    # A script parks MAX_PARKED_PER_USER + 1 polls with one cookie: the oldest is answered at once
+    # (with no news), the others stay parked.
+    server = start_server()
+    client = new_client(server)
+    client.join()
+    wait_until_online(client)
+    version = client.poll(timeout=0)["version"]
+
+    def park():
+        connection = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        connection.sendall(http_request("GET", f"/api/poll?since={version}&timeout=30",
+                                        {"Host": "127.0.0.1", "Cookie": f"sid={client.sid}"}))
+        time.sleep(0.1)  # so that the order in which they park is the order we opened them
+        return connection
+
+    parked = [park() for _ in range(chatroom.MAX_PARKED_PER_USER)]
+    try:
+        assert all_open(parked, 0.3), "a poll was answered early"
+        parked.append(park())
+        status, _, body = read_answer(parked[0])
+        assert status == 200
+        answer = json.loads(body)
+        assert answer["version"] == version and answer["messages"] == []
+        assert all_open(parked[1:], 0.3), "a poll other than the oldest was answered"
+    finally:
+        for connection in parked:
+            connection.close()
+
+
+STALLED_REQUESTS = [
+    b"GET /api/po",  # mid request line
+    b"GET /api/poll?timeout=0 HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: sid=",  # mid headers
+    b"POST /api/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    b"Cookie: sid=" + b"s" * 32 + b"\r\nContent-Length: 100\r\n\r\n{\"te",  # mid body
+]
+
+
+def test_stalled_clients_are_dropped_and_hold_up_no_one(start_server):
+    # 200 clients each send part of a request (line, headers or body) and stall. While they are
+    # open, a post still reaches a parked poll; after the request time-out (3 s) the server has
+    # closed every one of them.
+    server = start_server("--request-timeout", "3")
+    alice, bob = new_client(server), new_client(server)
+    alice.join()
+    bob.join()
+    started = time.monotonic()
+    stalled = []
+    try:
+        for n in range(200):
+            stalled.append(socket.create_connection(("127.0.0.1", server.port), timeout=10))
+            stalled[-1].sendall(STALLED_REQUESTS[n % len(STALLED_REQUESTS)])
+        thread, result = poll_in_background(bob, timeout=30)
+        posted = alice.post("through the crowd")
+        assert posted.status == 201
+        thread.join(10)
+        assert not thread.is_alive(), "the parked poll was not woken while stalled clients wait"
+        assert posted.json["message"]["id"] in [m["id"] for m in result["answer"]["messages"]]
+        assert time.monotonic() - started < 3 and all_open(stalled), \
+            "too slow to show that the post and poll went through while the stalled were open"
+        # Now the server drops them: each sees the end of the connection, with no answer.
+        for connection in stalled:
+            connection.settimeout(max(0.1, started + 10 - time.monotonic()))
+            try:
+                assert connection.recv(100) == b""
+            except ConnectionResetError:
+                pass
+            except TimeoutError:
+                raise AssertionError("a stalled client was not dropped") from None
+        assert time.monotonic() - started > 2.5, "stalled clients were dropped too early"
+    finally:
+        for connection in stalled:
+            connection.close()
+    assert alice.post("after the crowd").status in (201, 429)
+
+
+def test_a_client_sending_a_byte_at_a_time_is_dropped(start_server):
+    # A "slowloris" client sends its request one byte every 0.2 s, never pausing long enough for
+    # a socket time-out. The request as a whole must still arrive within the time-out (1 s).
+    server = start_server("--request-timeout", "1")
+    request = b"GET /api/poll?timeout=0 HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"a" * 200
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as connection:
+        started = time.monotonic()
+        for byte in request:
+            try:
+                connection.send(bytes([byte]))
+            except OSError:
+                break  # closed by the server
+            if not is_open(connection, 0.2) or time.monotonic() - started > 6:
+                break
+        assert not is_open(connection), "a client sending a byte at a time was never dropped"
+        assert time.monotonic() - started < 3
+
+
+def test_request_timeout_flag_is_listed_in_help(tmp_path):
+    # --help explains the flag that sets the request time-out.
+    result = run_chatroom(CHATROOM, "--help", cwd=tmp_path)
+    assert result.returncode == 0 and "--request-timeout" in result.stdout
+
+
+def test_a_cookieless_flood_leaves_no_trace(start_server):
+    # 2000 requests that never send a cookie back (polls, posts, renames): no user or message is
+    # stored, the data file does not grow, nobody is online, the version does not move, and the
+    # server's memory stays flat.
+    server = start_server()
+
+    def room():
+        return Client(server).request("GET", "/api/poll?timeout=0").json
+
+    def file_sizes():
+        return [path.stat().st_size if path.exists() else 0
+                for path in (server.data, Path(f"{server.data}-wal"))]
+
+    def flood(count):
+        statuses = []
+
+        def run(share):
+            for n in range(share):
+                kind = n % 4
+                if kind == 0:
+                    response = Client(server).request("GET", "/api/poll?timeout=0")
+                elif kind == 1:
+                    response = Client(server).request("GET", f"/api/poll?since={n}&timeout=0")
+                elif kind == 2:
+                    response = Client(server).post(f"anonymous {n}")
+                else:
+                    response = Client(server).rename(f"anonymous {n}")
+                statuses.append(response.status)
+
+        threads = [threading.Thread(target=run, args=(count // 8,)) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        return statuses
+
+    flood(200)  # warm up: threads, caches and buffers the server allocates once
+    before, sizes, memory = room(), file_sizes(), server_memory(server)
+    statuses = flood(2000)
+    assert len(statuses) == 2000 and set(statuses) <= {200, 403}, set(statuses)
+    time.sleep(chatroom.PRESENCE_INTERVAL + 0.2)  # had anyone come online, it would show now
+    after = room()
+    assert after["version"] == before["version"] and after["online"] == before["online"] == []
+    assert file_sizes() == sizes, "cookieless requests grew the data file"
+    with sqlite3.connect(server.data) as db:
+        assert db.execute("SELECT COUNT(*) FROM users").fetchone() == (0,)
+        assert db.execute("SELECT COUNT(*) FROM messages").fetchone() == (0,)
+    db.close()
+    if memory is not None:
+        grown = server_memory(server) - memory
+        assert grown < 4 * 2**20, f"the server grew by {grown // 2**20} MiB"
+
+
+def test_made_up_cookies_fill_the_online_list_only_up_to_its_cap(start_server):
+    # A script polls once with each of MAX_ONLINE + 100 made-up (well-formed) cookies. Each poll
+    # is answered, but the online list stops at MAX_ONLINE people.
+    server = start_server()
+    cap = chatroom.MAX_ONLINE
+    statuses = []
+
+    def run(count):
+        for _ in range(count):
+            statuses.append(new_client(server).request("GET", "/api/poll?timeout=0").status)
+
+    threads = [threading.Thread(target=run, args=((cap + 100) // 10,)) for _ in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert statuses == [200] * (cap + 100)
+    time.sleep(chatroom.PRESENCE_INTERVAL + 0.3)  # the online list is refreshed once a second
+    online = Client(server).request("GET", "/api/poll?timeout=0").json["online"]
+    assert len(online) == cap, f"{len(online)} people online, the cap is {cap}"
+
+
+def test_asking_for_many_cursors_does_not_grow_memory(start_server):
+    # 64 polls, each from a different `since` far behind, get answers of 1 MB each. The server
+    # keeps only MAX_CACHED_ANSWERS of them, so its memory grows by far less than 64 MB.
+    server = start_server()
+    if server_memory(server) is None:
+        pytest.skip("needs /proc to read the server's memory")
+    fill_room(server, 600, "x" * 2000)
+    client = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+
+    def poll(since):
+        client.request("GET", f"/api/poll?since={since}&timeout=0")
+        answer = client.getresponse()
+        assert answer.status == 200 and len(answer.read()) > 10**6
+
+    poll(0)
+    memory = server_memory(server)
+    for since in range(1, 65):
+        poll(since)
+    grown = server_memory(server) - memory
+    client.close()
+    assert grown < 32 * 2**20, f"the server grew by {grown // 2**20} MiB for 64 answers of 1 MB"
+
+
+OVERSIZED = [
+    # (what, the request without Host, Cookie and Content-Type (added by the test), status)
+    ("request line over 64 KiB", "GET /api/poll?x=" + "a" * 70_000 + " HTTP/1.1\r\n\r\n", 414),
+    ("header line over 64 KiB", "GET / HTTP/1.1\r\nX-Big: " + "a" * 70_000 + "\r\n\r\n", 431),
+    ("over 100 headers",
+     "GET / HTTP/1.1\r\n" + "".join(f"X-{i}: 1\r\n" for i in range(101)) + "\r\n", 431),
+    ("body over 16 KiB", "POST /api/messages HTTP/1.1\r\nContent-Length: 17000\r\n\r\n", 413),
+    ("Content-Length of 30 digits",
+     "POST /api/messages HTTP/1.1\r\nContent-Length: " + "9" * 30 + "\r\n\r\n", 413),
+    ("Content-Length of 5000 digits",
+     "POST /api/messages HTTP/1.1\r\nContent-Length: " + "9" * 5000 + "\r\n\r\n", 413),
+    ("Content-Length in superscript digits",
+     "POST /api/messages HTTP/1.1\r\nContent-Length: \u00b2\r\n\r\n", 400),
+    ("negative Content-Length", "POST /api/messages HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
+]
+
+
+@pytest.mark.parametrize("what, head, status", OVERSIZED, ids=[case[0] for case in OVERSIZED])
+def test_oversized_requests_get_a_clear_json_error(server, what, head, status):
+    # Each size limit answers with its 4xx in JSON and closes the connection, unread parts and all.
+    client = new_client(server)
+    line, _, rest = head.partition("\r\n")
+    data = (f"{line}\r\nHost: 127.0.0.1\r\nCookie: sid={client.sid}\r\n"
+            f"Content-Type: application/json\r\n{rest}").encode("latin-1")
+    got, headers, body = exchange(server.port, data)
+    assert got == status, (what, got, body)
+    assert headers["content-type"] == "application/json" and len(json.loads(body)["error"]) > 5
+    assert headers["connection"] == "close"
+    assert client.post(f"fine after {what}").status == 201
+
+
+HIDDEN_REQUEST = b"GET /api/poll?timeout=0 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+@pytest.mark.parametrize("what, method, path, extra, status", [
+    ("no cookie", "POST", "/api/messages", {}, 403),
+    ("another site", "POST", "/api/messages", {"Origin": "http://evil.example"}, 403),
+    ("wrong method", "POST", "/api/poll", {"Cookie": "sid=" + "a" * 32}, 405),
+    ("no such path", "POST", "/nowhere", {"Cookie": "sid=" + "a" * 32}, 404),
+    ("a GET with a body", "GET", "/api/poll?timeout=0", {}, 200),
+    ("a foreign host", "POST", "/api/messages", {"Host": "evil.example"}, 421),
+])
+def test_an_unread_body_is_never_taken_for_the_next_request(server, what, method, path, extra,
+                                                            status):
+    # A request answered without reading its body carries, as that body, a whole second request.
+    # The server answers the first only and closes the connection: the hidden one never runs.
+    headers = {"Host": "127.0.0.1", "Content-Type": "application/json", **extra}
+    answers = answers_to(server.port, http_request(method, path, headers, HIDDEN_REQUEST))
+    assert [answer[0] for answer in answers] == [status], (what, answers)
+    assert answers[0][1]["connection"] == "close"
+
+
+CROSS_SITE = [
+    # (what, headers, status)
+    ("another site's Origin", {"Origin": "http://evil.example"}, 403),
+    ("a look-alike Origin", {"Origin": "http://127.0.0.1.evil.example"}, 403),
+    ("Origin null (a sandboxed frame)", {"Origin": "null"}, 403),
+    ("Sec-Fetch-Site cross-site", {"Sec-Fetch-Site": "cross-site"}, 403),
+    ("Sec-Fetch-Site same-site", {"Sec-Fetch-Site": "same-site"}, 403),
+    ("an HTML form", {"Content-Type": "application/x-www-form-urlencoded"}, 415),
+    ("a multipart form", {"Content-Type": "multipart/form-data; boundary=x"}, 415),
+    ("text/plain", {"Content-Type": "text/plain"}, 415),
+]
+
+
+@pytest.mark.parametrize("what, headers, status", CROSS_SITE, ids=[case[0] for case in CROSS_SITE])
+def test_cross_site_posts_are_refused(server, what, headers, status):
+    # A POST another site's page could make with the visitor's cookie is refused in JSON, and
+    # neither the message nor the name is saved. The same POST from our own page goes through.
+    client = new_client(server)
+    before = client.join()["you"]["name"]
+    text = f"forged: {what}"
+    for path, body in (("/api/messages", {"text": text}), ("/api/name", {"name": "Forged"})):
+        response = client.request("POST", path, json.dumps(body).encode(),
+                                  {"Content-Type": "application/json", **headers})
+        assert response.status == status, (what, path, response.status, response.body)
+        assert response.headers["Content-Type"] == "application/json" and response.json["error"]
+    answer = client.poll(since=None)
+    assert text not in [m["text"] for m in answer["messages"]] and answer["you"]["name"] == before
+    own_page = {"Origin": f"http://127.0.0.1:{server.port}", "Sec-Fetch-Site": "same-origin"}
+    assert client.request("POST", "/api/messages", {"text": "from our page"},
+                          headers=own_page).status == 201
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8000", "127.0.0.1.evil.example",
+                                  "localhost.evil.example:80", "127.0.0.1@evil.example", "[::2]"])
+def test_a_foreign_host_name_is_refused(server, host):
+    # DNS rebinding: a hostile page points its own name at 127.0.0.1 and talks to us as itself.
+    # Its requests name its host: the page, a poll and a post all get 421, and nothing is saved.
+    client = new_client(server)
+    client.join()
+    for method, path, body in (("GET", "/", None), ("GET", "/api/poll?timeout=0", None),
+                               ("POST", "/api/messages", {"text": f"rebound via {host}"})):
+        response = client.request(method, path, body, headers={"Host": host})
+        assert response.status == 421, (host, path, response.status)
+        assert response.json["error"]
+    assert f"rebound via {host}" not in [m["text"] for m in client.poll(since=None)["messages"]]
+    for own in (f"127.0.0.1:{server.port}", f"localhost:{server.port}", "LOCALHOST"):
+        assert client.request("GET", "/", headers={"Host": own}).status == 200, own
+
+
+def test_every_answer_carries_the_security_headers(server):
+    # Answers of every kind (page, sound, poll, each error, and errors http.server itself makes)
+    # carry the content security policy with the page's script hash, nosniff and no-referrer;
+    # answers of the API may not be stored by a cache.
+    page = Client(server).request("GET", "/").body
+    scripts = re.findall(rb"<script>(.*?)</script>", page, re.DOTALL)
+    assert scripts, "the page has no inline script to check the policy against"
+    hashes = [base64.b64encode(hashlib.sha256(script).digest()).decode() for script in scripts]
+    host = "Host: 127.0.0.1\r\n"
+    requests = [
+        ("page", f"GET / HTTP/1.1\r\n{host}\r\n", 200),
+        ("sound", f"GET /chime.wav HTTP/1.1\r\n{host}\r\n", 200),
+        ("poll", f"GET /api/poll?timeout=0 HTTP/1.1\r\n{host}\r\n", 200),
+        ("not found", f"GET /nowhere HTTP/1.1\r\n{host}\r\n", 404),
+        ("wrong method", f"DELETE / HTTP/1.1\r\n{host}\r\n", 405),
+        ("no cookie", f"POST /api/messages HTTP/1.1\r\n{host}Content-Length: 0\r\n\r\n", 403),
+        ("foreign host", "GET / HTTP/1.1\r\nHost: evil.example\r\n\r\n", 421),
+        ("garbage", "BLAH\r\n\r\n", 400),
+        ("HTTP/2 request line", f"GET / HTTP/2.0\r\n{host}\r\n", 505),
+        ("unknown method", f"BREW / HTTP/1.1\r\n{host}\r\n", 501),
+        ("request line too long", "GET /" + "a" * 70_000 + " HTTP/1.1\r\n\r\n", 414),
+    ]
+    for what, request, status in requests:
+        got, headers, _ = exchange(server.port, request.encode())
+        assert got == status, (what, got)
+        policy = headers.get("content-security-policy", "")
+        for part in ("default-src 'self'", "frame-ancestors 'none'", "base-uri 'none'",
+                     "form-action 'none'", *(f"'sha256-{digest}'" for digest in hashes)):
+            assert part in policy, f"{what}: {part} missing from the policy {policy!r}"
+        assert headers.get("x-content-type-options") == "nosniff", what
+        assert headers.get("referrer-policy") == "no-referrer", what
+        if what not in ("page", "sound"):
+            assert headers.get("cache-control") == "no-store", what
+
+
+def test_a_storage_failure_refuses_the_post_and_announces_nothing(start_server):
+    # Another program holds the data file's write lock. A post then gets 503 JSON, is neither
+    # acknowledged nor shown to a parked poll, and the version stays; polls keep working. Once the
+    # lock is released posting works again, and the failed posts did not count against the rate
+    # limit (two in 3 s would otherwise make the next one a 429).
+    server = start_server()
+    alice, bob, carol = new_client(server), new_client(server), new_client(server)
+    for client in (alice, bob, carol):
+        client.join()
+    for client in (alice, bob, carol):
+        wait_until_online(client)
+    version = carol.poll(since=None)["version"]
+    thread, result = poll_in_background(bob, since=version, timeout=30)
+    time.sleep(0.2)  # Bob's poll is parked
+    lock = sqlite3.connect(server.data, timeout=5, isolation_level=None)
+    try:
+        lock.execute("BEGIN EXCLUSIVE")
+        for attempt in ("lost one", "lost two"):
+            refused = alice.post(attempt)
+            assert refused.status == 503, (refused.status, refused.body)
+            assert "could not save your message" in refused.json["error"]
+            assert "message" not in refused.json and int(refused.headers["Retry-After"]) >= 1
+            answer = carol.poll(since=None)
+            assert answer["version"] == version, "the version moved for an unsaved message"
+            assert attempt not in [m["text"] for m in answer["messages"]]
+        assert thread.is_alive(), "the parked poll was woken by an unsaved message"
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    saved = alice.post("saved")
+    assert saved.status == 201, (saved.status, saved.body)
+    assert saved.json["message"]["id"] == version + 1
+    thread.join(10)
+    assert [m["text"] for m in result["answer"]["messages"]] == ["saved"]
+    assert "Traceback" not in server.output()
+
+
+def test_kill_9_under_load_loses_no_acknowledged_message(start_server):
+    # 40 writers post (each starting at a random moment) while 100 readers poll; the server is
+    # killed with -9 at a random moment. After a restart on the same file: every message that got
+    # a 201 is there with its id and text, in order; every message a reader saw is there; new
+    # ids are above anything seen before; a reader continuing from its version gets the rest.
+    rng = random.Random(20240613)
+    server = start_server()
+    writers = [new_client(server) for _ in range(40)]
+    readers = [new_client(server) for _ in range(100)]
+    acknowledged, seen, problems = [], {}, []
+    stop = threading.Event()
+    gone = (OSError, http.client.HTTPException)  # the server was killed
+
+    def write(writer, number, delay):
+        if stop.wait(delay):
+            return
+        for n in range(3):
+            try:
+                response = writer.post(f"writer {number} #{n}")
+            except gone:
+                return
+            if response.status == 201:
+                acknowledged.append((response.json["message"]["id"], f"writer {number} #{n}"))
+            elif response.status == 429:
+                if stop.wait(response.json["retry_after"]):
+                    return
+            else:
+                problems.append((response.status, response.body))
+
+    def read(reader, number):
+        reader.version = 0
+        seen[number] = []
+        while not stop.is_set():
+            try:
+                answer = reader.poll(timeout=1)
+            except gone:
+                return
+            except AssertionError as error:  # an answer other than 200
+                problems.append(error)
+                return
+            seen[number] += [(m["id"], m["text"]) for m in answer["messages"]]
+
+    threads = [threading.Thread(target=write, args=(writer, n, rng.uniform(0, 2)))
+               for n, writer in enumerate(writers)]
+    threads += [threading.Thread(target=read, args=(reader, n)) for n, reader in enumerate(readers)]
+    for thread in threads:
+        thread.start()
+    time.sleep(rng.uniform(0.8, 2.0))
+    server.stop(signal.SIGKILL)
+    stop.set()
+    for thread in threads:
+        thread.join(15)
+    assert not any(thread.is_alive() for thread in threads)
+    assert not problems, problems
+    assert len(acknowledged) >= 10, "too little load to mean anything"
+    highest_seen = max([reader.version or 0 for reader in readers] +
+                       [message_id for message_id, _ in acknowledged])
+
+    server.start()
+    stored = [(m["id"], m["text"]) for m in Client(server).poll(since=0, timeout=0)["messages"]]
+    ids = [message_id for message_id, _ in stored]
+    assert ids == sorted(set(ids)), "stored messages are out of order or repeated"
+    assert set(acknowledged) <= set(stored), "an acknowledged message was lost"
+    assert len({message_id for message_id, _ in acknowledged}) == len(acknowledged)
+    for number, messages in seen.items():
+        assert set(messages) <= set(stored), f"reader {number} saw a message that was not kept"
+    newcomer = new_client(server)
+    newcomer.join()
+    assert newcomer.version >= highest_seen, "the version went backwards"
+    new = newcomer.post("after the crash").json["message"]
+    assert new["id"] > highest_seen, "an id was used again"
+    for reader in readers[:20]:
+        since = reader.version
+        answer = reader.poll(since=since, timeout=0)
+        assert [(m["id"], m["text"]) for m in answer["messages"]] == \
+            [m for m in stored + [(new["id"], new["text"])] if m[0] > since]
+
+
+def hang_up(port, data=b"", read=0, reset=False):
+    """Connect, send `data`, read `read` bytes of the answer, and close (with a reset if asked)."""
+    connection = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        if data:
+            connection.sendall(data)
+        if read:
+            connection.recv(read)
+        if reset:
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    finally:
+        connection.close()
+
+
+def test_clients_that_hang_up_cost_a_log_line_and_no_traceback(start_server):
+    # Clients hang up at every stage: before sending, mid-line, mid-headers, mid-body, while
+    # parked, in the middle of a 1 MB answer, or after stalling past the time-out. None of it
+    # logs a traceback or more than one short line, and the room works normally afterwards.
+    server = start_server("--request-timeout", "1")
+    fill_room(server, 600, "x" * 2000)
+    client = new_client(server)
+    client.join()
+    wait_until_online(client)
+    port, cookie = server.port, f"Cookie: sid={client.sid}\r\n"
+    lines_before = len(server.output().splitlines())
+    parked = []
+    for _ in range(5):
+        hang_up(port)
+        hang_up(port, b"GET /api/po")
+        hang_up(port, b"GET /api/poll HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        hang_up(port, f"POST /api/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n{cookie}"
+                      "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"te".encode())
+        big = f"GET /api/poll?since=0&timeout=0 HTTP/1.1\r\nHost: 127.0.0.1\r\n{cookie}\r\n"
+        hang_up(port, big.encode(), read=100)
+        hang_up(port, big.encode(), read=100, reset=True)
+        connection = socket.create_connection(("127.0.0.1", port), timeout=10)
+        connection.sendall(f"GET /api/poll?since={client.version}&timeout=30 HTTP/1.1\r\n"
+                           f"Host: 127.0.0.1\r\n{cookie}\r\n".encode())
+        parked.append(connection)
+    time.sleep(0.2)
+    for connection in parked:
+        connection.close()
+    stalled = socket.create_connection(("127.0.0.1", port), timeout=10)
+    stalled.sendall(b"GET /api/poll HTTP/1.1\r\n")
+    assert stalled.recv(100) == b"", "the stalled client was not dropped"
+    stalled.close()
+    assert client.post("everyone hung up").status == 201  # wakes the closed parked polls
+    assert client.poll(timeout=0)["you"]["id"]
+    time.sleep(0.3)  # the woken polls write to their closed connections
+    log = server.output()
+    assert "Traceback" not in log, log
+    new_lines = log.splitlines()[lines_before:]
+    assert len(new_lines) <= 7 * 5 + 5, f"{len(new_lines)} log lines for 36 hang-ups:\n{log}"
+    assert all(len(line) < 200 and re.match(r"\[\d\d:|127\.0\.0\.1 - - \[", line)
+               for line in new_lines), f"lines too long, or mixed up:\n{log}"
+
+
+def test_a_bug_in_a_handler_gives_500_and_the_server_keeps_serving(start_server):
+    # A message stored as bytes (a BLOB) cannot be put in JSON: a poll that would include it gets
+    # a 500 in JSON, the traceback is logged, and the server goes on serving everything else.
+    server = start_server()
+    server.stop()
+    with sqlite3.connect(server.data) as db:
+        db.execute("INSERT INTO messages VALUES (1, 'u', 'n', x'00ff', 0)")
+        db.execute("UPDATE room SET version = 1")
+    db.close()
+    server.start()
+    client = new_client(server)
+    response = client.request("GET", "/api/poll")
+    assert response.status == 500, (response.status, response.body)
+    assert response.headers["Content-Type"] == "application/json" and response.json["error"]
+    log = server.output()
+    assert "Traceback (most recent call last):\n" in log and "TypeError" in log
+    assert client.post("still here").status == 201
+    assert [m["text"] for m in client.poll(since=1, timeout=0)["messages"]] == ["still here"]
+    assert client.request("GET", "/").status == 200
+    assert server.process.poll() is None
+
+
+# The fuzz test's vocabulary. A case starts as a valid request and then gets 0 to 3 of these
+# mutations, so that it gets past the first check and reaches the code behind it.
+FUZZ_METHODS = ["GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE", "CONNECT",
+                "get", "BREW", "G\x00T", "G\xe9T", ""]
+FUZZ_PATHS = ["/", "/api/poll", "/api/messages", "/api/name", "/chime.wav", "/api/poll/",
+              "//api/poll", "/%2e%2e/chatroom.py", "/api/poll%00", "*", "http://127.0.0.1/api/poll",
+              "/\xff\xfe", "/" + "a" * 3000, ""]
+FUZZ_NUMBERS = ["0", "1", "3", "-1", "1.5", "abc", "", "nan", "inf", "-inf", "1e309", "1e-400",
+                "9" * 30, "9" * 5000, "%D9%A1", "%00", "%ff", "0x10", "+2", "1_0"]
+FUZZ_TEXTS = ["hi", "<script>alert(1)</script>", "\u00e9\U0001F600", "a\x00b", " ", "x" * 2001,
+              "\ud800", "line\nbreak", "\u202e", "x" * 2000, "", "\x1b[31m"]
+FUZZ_BODIES = [b"", b"{}", b"[]", b"null", b'{"text": "\xff\xfe"}', b"[" * 3000 + b"]" * 3000,
+               b'{"text": 1e999999}', b'{"text": ' + b"9" * 5000 + b"}", b'{"text": ["a"]}',
+               b'{"text": "' + b"x" * 17_000 + b'"}', b"\xef\xbb\xbf{}", b"{\"text\": \"a\"", ]
+FUZZ_HEADERS = [
+    ("Host", ["localhost", "evil.example", "", "[::1]", "\xff", "a:b:c", "127.0.0.1:x"]),
+    ("Cookie", ["sid=short", "sid=" + "A" * 32, "a=b; sid", ";;;;", "sid=\xff" * 5, "sid"]),
+    ("Origin", ["http://evil.example", "null", "\x00", "http://127.0.0.1"]),
+    ("Sec-Fetch-Site", ["cross-site", "same-site", "none", "?"]),
+    ("Content-Type", ["APPLICATION/JSON", "application/json; charset=utf-8", "text/plain",
+                      "application/x-www-form-urlencoded", "", ";;"]),
+    ("Expect", ["100-continue", "200-ok"]),
+    ("Connection", ["close", "keep-alive", "upgrade"]),
+    ("Transfer-Encoding", ["chunked", "gzip"]),
+    ("X-Junk", ["\x7f\x00 value", "a" * 5000]),
+    ("NoColonHere", None), (" folded", ["continuation"]), ("X-\x01", ["control"]),
+]
+
+
+def fuzz_case(rng, port, sids):
+    """One request: (bytes to send, method, whether it may rightly go unanswered)."""
+    kind = rng.choice(["post", "post", "rename", "poll", "poll", "page"])
+    method = "GET" if kind in ("poll", "page") else "POST"
+    path = {"post": "/api/messages", "rename": "/api/name", "poll": "/api/poll",
+            "page": rng.choice(["/", "/chime.wav"])}[kind]
+    query = f"?since={rng.randrange(0, 50)}&timeout=0" if kind == "poll" else ""
+    headers = {"Host": f"127.0.0.1:{port}", "Cookie": f"sid={rng.choice(sids)}"}
+    body = None
+    if method == "POST":
+        headers["Content-Type"] = "application/json"
+        field = "text" if kind == "post" else "name"
+        text = rng.choice(FUZZ_TEXTS) if rng.random() < 0.3 else f"fuzz {rng.random()}"
+        body = json.dumps({field: text}, ensure_ascii=rng.random() < 0.5).encode("utf-8",
+                                                                               "surrogatepass")
+    length, version, truncate, may_hang = "right", "HTTP/1.1", False, False
+    for _ in range(rng.choice([0, 1, 1, 2, 3])):
+        mutation = rng.choice(["method", "path", "query", "header", "header", "drop header",
+                               "body", "length", "version", "truncate"])
+        if mutation == "method":
+            method = rng.choice(FUZZ_METHODS)
+        elif mutation == "path":
+            path = rng.choice(FUZZ_PATHS)
+        elif mutation == "query":
+            pairs = [(rng.choice(["since", "timeout", "x"]), rng.choice(FUZZ_NUMBERS))
+                     for _ in range(rng.randrange(1, 4))]
+            query = "?" + "&".join(f"{name}={value}" for name, value in pairs)
+            may_hang = True  # a valid poll parks until the room changes or its time-out passes
+        elif mutation == "header":
+            name, values = rng.choice(FUZZ_HEADERS)
+            headers[name] = None if values is None else rng.choice(values)
+        elif mutation == "drop header" and headers:
+            del headers[rng.choice(sorted(headers))]
+        elif mutation == "body":
+            body = rng.choice(FUZZ_BODIES + [bytes(rng.randrange(256) for _ in range(40))])
+        elif mutation == "length":
+            length = rng.choice(["missing", "short", "long", "abc", "-4", "\u00b2", "1e3", "9" * 40,
+                                 "two"])
+        elif mutation == "version":
+            version = rng.choice(["HTTP/1.0", "HTTP/2.0", "HTTP/1.1x", "", "HTTP/1.1 extra"])
+        else:
+            truncate = True
+    lines = [" ".join(part for part in (method, path + query, version) if part)]
+    lines += [name if value is None else f"{name}: {value}" for name, value in headers.items()]
+    if body is not None and length != "missing":
+        size = {"right": len(body), "short": max(0, len(body) - 3), "long": len(body) + 50}
+        if length == "two":
+            lines += [f"Content-Length: {len(body)}", "Content-Length: 1"]
+        else:
+            lines.append(f"Content-Length: {size.get(length, length)}")
+        may_hang = may_hang or length == "long"  # the server waits for the rest of the body
+    data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
+    if truncate:
+        data = data[:rng.randrange(len(data))]
+        may_hang = True
+    return data, method, may_hang
+
+
+def test_fuzzing_never_breaks_the_room(start_server):
+    # 3000 random requests from a fixed seed (odd methods and paths, wrong numbers and lengths,
+    # invalid UTF-8, deep JSON, truncated connections): every answer is well-formed HTTP with the
+    # security headers and, for an error, a JSON body; none is a 500; the server never dies; and
+    # afterwards every acknowledged message is intact and the room works normally.
+    server = start_server("--request-timeout", "1", "--poll-timeout", "1")
+    rng = random.Random(1234)
+    sids = [new_client(server).sid for _ in range(20)]
+    cases = [fuzz_case(rng, server.port, sids) for _ in range(3000)]
+    failures, acknowledged = [], []
+
+    def run(share):
+        for data, method, may_hang in share:
+            try:
+                with socket.create_connection(("127.0.0.1", server.port), timeout=3) as connection:
+                    connection.sendall(data)
+                    connection.shutdown(socket.SHUT_WR)
+                    status, headers, body = read_answer(connection, method)
+            except (TimeoutError, ConnectionResetError, BrokenPipeError):
+                if not may_hang:
+                    failures.append(("no answer", data[:200]))
+                continue
+            except AssertionError as error:
+                failures.append((str(error), data[:200]))
+                continue
+            if status == 0:
+                if not may_hang and method in ("GET", "POST", "HEAD"):
+                    failures.append(("closed without an answer", data[:200]))
+                continue
+            problem = None
+            if status == 500 or status >= 600:
+                problem = f"status {status}"
+            elif "nosniff" not in headers.get("x-content-type-options", ""):
+                problem = "no security headers"
+            elif status >= 400 or headers["content-type"] == "application/json":
+                try:
+                    answer = json.loads(body) if method != "HEAD" else {"error": "(HEAD)"}
+                except ValueError:
+                    problem = "not JSON"
+                else:
+                    if status >= 400 and not isinstance(answer.get("error"), str):
+                        problem = "no error sentence"
+                    if status == 201:
+                        acknowledged.append((answer["message"]["id"], answer["message"]["text"]))
+            if problem:
+                failures.append((problem, status, body[:200], data[:200]))
+
+    threads = [threading.Thread(target=run, args=(cases[n::12],)) for n in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not any(thread.is_alive() for thread in threads), "the fuzzing did not finish"
+    assert not failures, f"{len(failures)} bad answers, the first: {failures[:3]}"
+    assert server.process.poll() is None, "the server died"
+    assert "Traceback" not in server.output()
+    assert acknowledged, "no fuzzed post was accepted: the fuzzing is too far off the mark"
+    client = new_client(server)
+    stored = {(m["id"], m["text"]) for m in client.poll(since=0, timeout=0)["messages"]}
+    assert set(acknowledged) <= stored, "an acknowledged message was lost or changed"
+    client.join()
+    posted = client.post("after the fuzzing")
+    assert posted.status == 201
+    assert client.poll(since=posted.json["message"]["id"] - 1, timeout=0)["messages"][0]["text"] \
+        == "after the fuzzing"
