@@ -855,12 +855,16 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
             raise RequestError(421, f"This server does not answer for the host {host[:100]!r}.")
 
     def check_origin(self):
-        """Refuse a POST that another web site's page sends with the visitor's browser (CSRF)."""
+        """Refuse a POST that another web site's page sends with the visitor's browser (CSRF).
+
+        Browsers say where a request comes from in Origin (and Sec-Fetch-Site). Only the host is
+        compared, not the scheme, so that the room still works behind an HTTPS proxy.
+        """
         origin = self.headers.get("Origin")
-        fetch_site = self.headers.get("Sec-Fetch-Site", "same-origin")
-        if origin is not None and origin != f"http://{self.headers.get('Host', '')}":
-            raise RequestError(403, "Posting is allowed only from this chat room's own page.")
-        if fetch_site not in ("same-origin", "none"):
+        from_elsewhere = (origin is not None
+                          and origin.partition("://")[2] != self.headers.get("Host", ""))
+        if from_elsewhere or self.headers.get("Sec-Fetch-Site", "same-origin") not in (
+                "same-origin", "none"):
             raise RequestError(403, "Posting is allowed only from this chat room's own page.")
 
     # --- Reading a JSON body -----------------------------------------------------------------------

@@ -1187,6 +1187,14 @@ def test_cross_site_posts_are_refused(server, what, headers, status):
                           headers=own_page).status == 201
 
 
+def test_own_page_behind_an_https_proxy_may_post(server):
+    # Behind a TLS proxy our own page's Origin is https://host: only the host must match.
+    client = new_client(server)
+    client.join()
+    own_page = {"Origin": f"https://127.0.0.1:{server.port}", "Sec-Fetch-Site": "same-origin"}
+    assert client.request("POST", "/api/name", {"name": "Proxied"}, headers=own_page).status == 200
+
+
 @pytest.mark.parametrize("host", ["evil.example", "evil.example:8000", "127.0.0.1.evil.example",
                                   "localhost.evil.example:80", "127.0.0.1@evil.example", "[::2]"])
 def test_a_foreign_host_name_is_refused(server, host):
