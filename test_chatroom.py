@@ -25,10 +25,16 @@ import sys
 import threading
 import time
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
 import chatroom
+
+try:
+    from playwright.sync_api import expect, sync_playwright
+except ImportError:  # the browser tests skip (or fail under CI) when Playwright is missing
+    expect = sync_playwright = None
 
 ROOT = Path(__file__).resolve().parent
 CHATROOM = ROOT / "chatroom.py"
@@ -50,11 +56,11 @@ class Server:
         self.process = None
         self.start()
 
-    def start(self):
+    def start(self, port=0):
         self.log_path = self.folder / f"server-{time.monotonic_ns()}.log"
         self.log = open(self.log_path, "w")
         self.process = subprocess.Popen(
-            [sys.executable, str(CHATROOM), "--host", "127.0.0.1", "--port", "0",
+            [sys.executable, str(CHATROOM), "--host", "127.0.0.1", "--port", str(port),
              "--data", str(self.data), *self.flags],
             stdout=self.log, stderr=subprocess.STDOUT, cwd=self.folder)
         deadline = time.monotonic() + START_TIMEOUT
@@ -77,9 +83,11 @@ class Server:
         self.log.close()
         return status
 
-    def restart(self):
+    def restart(self, same_port=False):
+        """Stop and start again on the same data; on the same port if open pages must find it."""
+        port = self.port if same_port else 0
         self.stop()
-        self.start()
+        self.start(port)
 
     def output(self):
         return self.log_path.read_text()
@@ -1593,3 +1601,562 @@ def test_fuzzing_never_breaks_the_room(start_server):
     assert posted.status == 201
     assert client.poll(since=posted.json["message"]["id"] - 1, timeout=0)["messages"][0]["text"] \
         == "after the fuzzing"
+
+
+# --------------------------------------------------------------------------------------------------
+# The page in a real browser
+# --------------------------------------------------------------------------------------------------
+# Headless Debian Chromium driven by Playwright (see /work/shared/BROWSER.md): one browser for the
+# whole session, one browser context (own cookies and storage) per simulated person. Long-polling
+# means the network is never idle, so waits are on things a person would see.
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+    # The chime for an incoming message has no user gesture behind it; without this, no sound.
+    "--autoplay-policy=no-user-gesture-required",
+]
+BROWSER_TIMEOUT_MS = 5000  # any single wait in the page; a failure shows fast
+PAGE_TITLE = "Chat room"
+ONLINE_WINDOW = 2  # seconds, for the presence test: short, so a departure shows soon
+
+# Init scripts run in every page of a context before the page's own script.
+RECORD_CHIMES = """
+window.__plays = [];
+const realPlay = HTMLMediaElement.prototype.play;
+HTMLMediaElement.prototype.play = function () {
+  const call = { src: this.currentSrc || this.src, outcome: "pending" };
+  window.__plays.push(call);
+  const promise = realPlay.call(this);
+  promise.then(() => { call.outcome = "played"; }, (error) => { call.outcome = error.name; });
+  return promise;
+};
+"""
+BLOCK_SOUND = """
+window.__plays = [];
+HTMLMediaElement.prototype.play = function () {
+  window.__plays.push({ src: this.currentSrc || this.src, outcome: "NotAllowedError" });
+  return Promise.reject(new DOMException(
+    "play() failed because the user didn't interact with the document first.", "NotAllowedError"));
+};
+"""
+EMULATE_VISIBILITY = """
+let __hidden = false;
+Object.defineProperty(Document.prototype, "visibilityState",
+                      { configurable: true, get() { return __hidden ? "hidden" : "visible"; } });
+Object.defineProperty(Document.prototype, "hidden",
+                      { configurable: true, get() { return __hidden; } });
+window.__setHidden = (hidden) => {
+  __hidden = hidden;
+  document.dispatchEvent(new Event("visibilitychange"));
+};
+"""
+
+
+def browser_unavailable(reason):
+    """Skip, but fail under CI: a broken install step must never turn into a quietly green run."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}, and the CI environment variable is set", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Chromium for the whole test session."""
+    if sync_playwright is None:
+        browser_unavailable("playwright is not installed (pip install playwright)")
+    if not os.access(CHROMIUM, os.X_OK):
+        browser_unavailable(f"{CHROMIUM} is missing (apt-get install chromium)")
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture(scope="module")
+def browser_room(tmp_path_factory):
+    """One server for the browser tests that only add to the room."""
+    running = Server(tmp_path_factory.mktemp("browser-room"))
+    yield running
+    running.stop()
+
+
+def since_of(request):
+    """The `since` of a page's poll request, or None (another request, or a first poll)."""
+    url = urlsplit(request.url)
+    if url.path != "/api/poll":
+        return None
+    values = parse_qs(url.query).get("since")
+    return int(values[-1]) if values else None
+
+
+def exactly(text):
+    return re.compile("^" + re.escape(text) + "$")
+
+
+def unique(prefix):
+    """A text that no other test has put in the shared room."""
+    return f"{prefix} {secrets.token_hex(3)}"
+
+
+def someone_says(server, text):
+    """A new person posts `text` over HTTP (so no rate limit applies); returns the message id."""
+    response = new_client(server).post(text)
+    assert response.status == 201, (response.status, response.body)
+    return response.json["message"]["id"]
+
+
+class Person:
+    """Someone in the room: their own browser context (cookies, storage) and their page."""
+
+    def __init__(self, context, server):
+        self.context = context
+        self.url = f"http://127.0.0.1:{server.port}/"
+        self.problems = []  # console errors, uncaught errors, failed requests, error answers
+        self.polled_since = {}  # page -> every `since` it has polled with: what it has taken in
+        context.on("console", self._console)
+        context.on("weberror", lambda error: self.problems.append(f"uncaught: {error.error}"))
+        context.on("requestfailed", lambda request: self.problems.append(
+            f"request failed: {request.method} {request.url} {request.failure}"))
+        context.on("response", lambda response: response.status >= 400 and self.problems.append(
+            f"answer {response.status}: {response.request.method} {response.url}"))
+        context.on("request", self._request)
+        self.page = context.new_page()
+
+    def _console(self, message):
+        if message.type == "error":
+            self.problems.append(f"console: {message.text}")
+
+    def _request(self, request):
+        since = since_of(request)
+        if since is not None:
+            self.polled_since.setdefault(request.frame.page, []).append(since)
+
+    def open(self):
+        """Load the page and wait until its first poll has been answered."""
+        self.page.goto(self.url)
+        expect(self.page.locator("#status")).to_have_text("Connected")
+        return self
+
+    def reload(self):
+        self.page.reload()
+        expect(self.page.locator("#status")).to_have_text("Connected")
+
+    def row(self, text):
+        """The message rows whose text is exactly `text`."""
+        return self.page.locator("#messages li").filter(
+            has=self.page.locator("p.text", has_text=exactly(text)))
+
+    def texts(self):
+        return self.page.locator("#messages p.text").all_text_contents()
+
+    def say(self, text):
+        """Type a message and press Enter; wait until it is sent and shown. Returns its id."""
+        box = self.page.locator("#text")
+        box.fill(text)
+        box.press("Enter")
+        expect(box).to_have_value("")
+        expect(self.row(text)).to_have_count(1)
+        return int(self.row(text).get_attribute("data-id"))
+
+    def sees(self, text):
+        """Wait until the message `text` is on the page (once). Returns its id."""
+        expect(self.row(text)).to_have_count(1)
+        return int(self.row(text).get_attribute("data-id"))
+
+    def caught_up(self, version, page=None):
+        """Wait until the page has taken in the room up to `version`: its next poll asks past it."""
+        page = page or self.page
+        if max(self.polled_since.get(page, []), default=-1) >= version:
+            return
+        page.wait_for_event("request", lambda request: since_of(request) is not None
+                            and since_of(request) >= version)
+
+    def rename(self, name):
+        """Change the name the way a person does: the name button, type, Enter."""
+        self.page.locator("#name-button").click()
+        field = self.page.locator("#name-input")
+        expect(field).to_be_focused()
+        field.fill(name)
+        field.press("Enter")
+        expect(self.page.locator("#name-form")).to_be_hidden()
+        expect(self.page.locator("#name-button")).to_contain_text(name)
+
+    def my_name(self):
+        mine = self.page.locator("#online li", has_text=re.compile(r" \(you\)$"))
+        return mine.text_content().removesuffix(" (you)")
+
+    def online(self):
+        return self.page.locator("#online li").all_text_contents()
+
+    def plays(self):
+        return self.page.evaluate("window.__plays")
+
+
+@pytest.fixture
+def people(browser, request, tmp_path):
+    """join(server, **context_options) opens the room for one more person and returns them.
+
+    If the test fails, every page still open is saved as a screenshot in the test's tmp_path.
+    """
+    joined = []
+    failures_before = request.session.testsfailed
+
+    def join(server, *, init_script=None, **context_options):
+        context = browser.new_context(**context_options)
+        context.set_default_timeout(BROWSER_TIMEOUT_MS)
+        if init_script:
+            context.add_init_script(init_script)
+        person = Person(context, server)
+        joined.append(person)
+        return person.open()
+
+    yield join
+    if request.session.testsfailed > failures_before:
+        for number, person in enumerate(joined):
+            for tab, page in enumerate(person.context.pages):
+                try:
+                    page.screenshot(path=tmp_path / f"person-{number}-tab-{tab}.png")
+                except Exception as error:  # a screenshot must not hide the real failure
+                    print(f"no screenshot of person {number}, tab {tab}: {error}")
+        print(f"screenshots in {tmp_path}")
+    for person in joined:
+        person.context.close()
+
+
+def test_two_people_chat_both_ways(browser_room, people):
+    # Ann and Ben take turns: each sees the other's messages appear, in order, once, no reload.
+    ann, ben = people(browser_room), people(browser_room)
+    for person in (ann, ben):
+        person.page.evaluate("window.__sameDocument = true")
+    said = [unique("Ann: hi Ben"), unique("Ben: hi Ann"), unique("Ann: how are you?"),
+            unique("Ben: fine, thanks")]
+    for number, text in enumerate(said):
+        speaker, listener = (ann, ben) if number % 2 == 0 else (ben, ann)
+        last_id = speaker.say(text)
+        assert listener.sees(text) == last_id
+    mine = re.compile(r"\bmine\b")
+    for person, own in ((ann, said[0::2]), (ben, said[1::2])):
+        person.caught_up(last_id)
+        ours = [text for text in person.texts() if text in said]
+        assert ours == said, f"messages missing, out of order or repeated: {ours}"
+        ids = person.page.locator("#messages li").evaluate_all("rs => rs.map(r => r.dataset.id)")
+        assert len(ids) == len(set(ids)), "a message row is shown twice"
+        for text in said:
+            if text in own:
+                expect(person.row(text)).to_have_class(mine)
+            else:
+                expect(person.row(text)).not_to_have_class(mine)
+        assert person.page.evaluate("window.__sameDocument"), "the page was reloaded"
+
+
+def test_chime_for_others_only_and_mute_survives_reload(browser_room, people):
+    # The chime plays for someone else's message, not for my own (in this tab or another of
+    # mine) nor for the history shown on first load; muted, nothing plays, and the mute setting
+    # survives a reload.
+    history = unique("said before Cleo came")
+    history_id = someone_says(browser_room, history)
+    cleo = people(browser_room, init_script=RECORD_CHIMES)
+    cleo.sees(history)
+    cleo.caught_up(history_id)
+    assert cleo.plays() == [], "the chime played for the history shown on first load"
+
+    other_tab = cleo.context.new_page()
+    other_tab.goto(cleo.url)
+    expect(other_tab.locator("#status")).to_have_text("Connected")
+    own = unique("Cleo's own message")
+    own_id = cleo.say(own)
+    expect(other_tab.locator("#messages p.text", has_text=exactly(own))).to_have_count(1)
+    cleo.caught_up(own_id)  # her own message has come back by poll too
+    cleo.caught_up(own_id, page=other_tab)
+    assert cleo.plays() == [], "the chime played for Cleo's own message"
+    assert other_tab.evaluate("window.__plays") == [], "Cleo's other tab chimed for her message"
+    other_tab.close()
+
+    other = unique("someone else speaks")
+    someone_says(browser_room, other)
+    cleo.sees(other)
+    cleo.page.wait_for_function("window.__plays.length && window.__plays[0].outcome !== 'pending'")
+    plays = cleo.plays()
+    assert len(plays) == 1 and plays[0]["src"].endswith("/chime.wav"), plays
+    assert plays[0]["outcome"] == "played", f"the browser could not play the chime: {plays}"
+
+    mute = cleo.page.locator("#mute")
+    mute.click()
+    expect(mute).to_have_attribute("aria-pressed", "true")
+    expect(mute).to_contain_text("muted")
+    quiet_id = someone_says(browser_room, unique("while muted"))
+    cleo.caught_up(quiet_id)
+    assert len(cleo.plays()) == 1, "the chime played while muted"
+
+    cleo.reload()
+    expect(mute).to_have_attribute("aria-pressed", "true")
+    quiet_id = someone_says(browser_room, unique("muted after reload"))
+    cleo.caught_up(quiet_id)
+    assert cleo.plays() == [], "the chime played after a reload although it was muted"
+
+
+def test_blocked_sound_breaks_nothing(browser_room, people):
+    # A browser that refuses to play sound: no uncaught error, and messages keep arriving.
+    dan = people(browser_room, init_script=BLOCK_SOUND)
+    for number in range(2):
+        text = unique(f"for Dan, who hears nothing, #{number}")
+        message_id = someone_says(browser_room, text)
+        dan.sees(text)
+        dan.caught_up(message_id)
+    assert len(dan.plays()) == 2, "the page did not even try to play the chime"
+    assert [problem for problem in dan.problems if problem.startswith("uncaught")] == []
+    expect(dan.page.locator("#status")).to_have_text("Connected")
+
+
+def test_rename_in_the_page(browser_room, people):
+    # Eva renames herself (Enter saves; Escape cancels); Finn sees the new name in the online
+    # list and on her new messages; after a reload her name is still there.
+    eva, finn = people(browser_room), people(browser_room)
+    new_name = unique("Eva")
+    eva.rename(new_name)
+    button, field = eva.page.locator("#name-button"), eva.page.locator("#name-input")
+
+    button.click()
+    expect(field).to_be_focused()
+    expect(field).to_have_value(new_name)
+    field.fill("Not my name")
+    field.press("Escape")
+    expect(eva.page.locator("#name-form")).to_be_hidden()
+    expect(button).to_be_focused()
+    expect(button).to_contain_text(new_name)
+    expect(button).not_to_contain_text("Not my name")
+
+    expect(finn.page.locator("#online li", has_text=exactly(new_name))).to_have_count(1)
+    expect(eva.page.locator("#online li", has_text=exactly(new_name + " (you)"))).to_have_count(1)
+    text = unique("Eva after renaming")
+    eva.say(text)
+    expect(finn.row(text).locator(".name")).to_have_text(new_name)
+
+    eva.reload()
+    expect(button).to_contain_text(new_name)
+    assert eva.my_name() == new_name
+    assert "Not my name" not in finn.online()
+
+
+def test_online_list_shows_arrivals_and_departures(start_server, people):
+    # Gus and Hana both see each other online; Hana closes her page, and she leaves Gus's
+    # list within the presence window (2 s) plus the server's one-second check.
+    server = start_server("--online-window", str(ONLINE_WINDOW))
+    gus, hana = people(server), people(server)
+    gus_name, hana_name = gus.my_name(), hana.my_name()
+    expect(gus.page.locator("#online li", has_text=exactly(hana_name))).to_have_count(1)
+    expect(hana.page.locator("#online li", has_text=exactly(gus_name))).to_have_count(1)
+    expect(gus.page.locator("#online-count")).to_have_text("2")
+
+    hana.page.close()
+    expect(gus.page.locator("#online li", has_text=exactly(hana_name))).to_have_count(
+        0, timeout=(ONLINE_WINDOW + 1) * 1000 + BROWSER_TIMEOUT_MS)
+    expect(gus.page.locator("#online-count")).to_have_text("1")
+    assert gus.online() == [f"{gus_name} (you)"]
+
+
+def test_rate_limit_keeps_the_text_and_counts_down(browser_room, people):
+    # Ivy sends three messages fast (the limit is 2 in 3 s): the third is refused with a notice
+    # saying when she may post again, and her text stays in the box; once the notice says she
+    # can, it goes through.
+    ivy = people(browser_room)
+    ivy.say(unique("Ivy one"))
+    ivy.say(unique("Ivy two"))
+    third = unique("Ivy three")
+    box, notice = ivy.page.locator("#text"), ivy.page.locator("#notice")
+    box.fill(third)
+    box.press("Enter")
+    # On a very slow machine the 10-second limit may be the one hit: accept any limit here.
+    expect(notice).to_contain_text(re.compile(r"at most \d+ messages in \d+ seconds"))
+    expect(notice).to_contain_text(re.compile(r"You can post again in \d+ s\."))
+    wait = int(re.search(r"again in (\d+) s", notice.text_content()).group(1))
+    assert 1 <= wait <= 10, notice.text_content()
+    expect(box).to_have_value(third)
+    expect(ivy.row(third)).to_have_count(0)
+
+    expect(notice).to_have_text("You can post again now.", timeout=wait * 1000 + BROWSER_TIMEOUT_MS)
+    box.press("Enter")
+    expect(box).to_have_value("")
+    expect(ivy.row(third)).to_have_count(1)
+    expect(notice).to_have_text("")
+
+
+def test_markup_in_messages_and_names_is_shown_as_text(browser_room, people):
+    # Jay names himself <b>bold</b> and sends an <img onerror=...>: Kim and Jay see the markup
+    # as text, no element is made from it, and nothing runs.
+    jay, kim = people(browser_room), people(browser_room)
+    name = "<b>bold</b>"
+    text = '<img src=x onerror="window.__xss=1"> ' + secrets.token_hex(3)
+    jay.rename(name)
+    jay.say(text)
+    kim.sees(text)
+    expect(kim.row(text).locator(".name")).to_have_text(name)
+    expect(kim.page.locator("#online li", has_text=exactly(name))).to_have_count(1)
+    for person in (jay, kim):
+        made = person.page.evaluate("document.querySelectorAll('#messages img, #messages b, "
+                                    "#online img, #online b, #name-button b').length")
+        assert made == 0, "the page turned user text into elements"
+        assert person.page.evaluate("window.__xss") is None, "user text ran as script"
+    expect(jay.page.locator("#name-button")).to_contain_text(name)
+
+
+def test_page_recovers_by_itself_after_a_server_restart(start_server, people):
+    # The server restarts under Lea's open page: it says the connection is lost, comes back by
+    # itself, and shows what was said meanwhile, once each, without a reload.
+    server = start_server()
+    lea = people(server)
+    before = unique("before the restart")
+    someone_says(server, before)
+    lea.sees(before)
+    lea.page.evaluate("window.__sameDocument = true")
+
+    server.stop()
+    status = lea.page.locator("#status")
+    expect(status).to_have_class("lost")
+    expect(status).to_contain_text("Connection lost")
+
+    server.restart(same_port=True)
+    meanwhile = [unique("said while Lea was away"), unique("and this too")]
+    for text in meanwhile:
+        someone_says(server, text)
+    expect(status).to_have_text("Connected", timeout=10_000)
+    for text in [before, *meanwhile]:
+        lea.sees(text)
+    assert lea.texts() == [before, *meanwhile]
+    assert lea.page.evaluate("window.__sameDocument"), "the page was reloaded"
+
+
+def test_unread_count_in_the_title_while_hidden(browser_room, people):
+    # While Max's page is hidden, new messages show as a count in the title; it clears when the
+    # page is shown again, and messages read while visible are not counted.
+    max_ = people(browser_room, init_script=EMULATE_VISIBILITY)
+    max_.page.evaluate("window.__setHidden(true)")
+    for number in range(2):
+        someone_says(browser_room, unique(f"while Max is away #{number}"))
+    expect(max_.page).to_have_title(f"(2) {PAGE_TITLE}")
+
+    max_.page.evaluate("window.__setHidden(false)")
+    expect(max_.page).to_have_title(PAGE_TITLE)
+    seen_id = someone_says(browser_room, unique("while Max is looking"))
+    max_.caught_up(seen_id)
+    expect(max_.page).to_have_title(PAGE_TITLE)
+
+
+def test_a_normal_visit_has_no_errors(browser_room, people):
+    # Nia and Oto load the page, chat and rename: no console error (CSP violations included),
+    # no uncaught error, no failed request and no error answer.
+    page_answer = Client(browser_room).request("GET", "/")
+    assert "script-src 'sha256-" in page_answer.headers["Content-Security-Policy"], \
+        "without a CSP, 'no CSP violations' would prove nothing"
+    nia, oto = people(browser_room, init_script=RECORD_CHIMES), people(browser_room)
+    hello = unique("Nia says hi")
+    nia.say(hello)
+    oto.sees(hello)
+    answer = unique("Oto answers")
+    answer_id = oto.say(answer)
+    nia.sees(answer)
+    nia.page.wait_for_function("window.__plays.some(p => p.outcome === 'played')")
+    name = unique("Nia")
+    nia.rename(name)
+    expect(oto.page.locator("#online li", has_text=exactly(name))).to_have_count(1)
+    nia.caught_up(answer_id)
+    assert nia.problems == [] and oto.problems == [], nia.problems + oto.problems
+
+
+def assert_fits_width(page, width):
+    """Nothing scrolls sideways: not the page, and not a region inside it (the log, the sidebar)."""
+    too_wide = page.evaluate("""width => {
+        const found = [];
+        if (document.documentElement.scrollWidth > width) found.push("the page");
+        for (const element of document.querySelectorAll("header, #log, #composer, aside")) {
+            if (element.scrollWidth > element.clientWidth + 1) {
+                found.push(element.localName + (element.id ? "#" + element.id : ""));
+            }
+        }
+        return found;
+    }""", width)
+    assert too_wide == [], f"wider than the {width} px screen: {too_wide}"
+
+
+def test_phone_layout_fits_and_keeps_the_box_in_view(browser_room, people, tmp_path):
+    # On a 375x667 phone nothing scrolls sideways, even with long words and names, and the
+    # message box and Send stay on screen; screenshots of both layouts go to tmp_path.
+    poster = new_client(browser_room)
+    poster.join()
+    assert poster.rename("W" * 40).status == 200
+    long_text = unique("https://example.com/" + "a" * 300)
+    assert poster.post(long_text).status == 201
+    phone = people(browser_room, viewport={"width": 375, "height": 667}, is_mobile=True,
+                   has_touch=True)
+    desktop = people(browser_room, viewport={"width": 1280, "height": 800})
+    for person in (phone, desktop):
+        person.sees(long_text)
+        person.rename("N" * 40)
+    phone.page.screenshot(path=tmp_path / "phone.png")
+    desktop.page.screenshot(path=tmp_path / "desktop.png")
+
+    assert_fits_width(phone.page, 375)
+    for selector in ("#text", "#send"):
+        expect(phone.page.locator(selector)).to_be_in_viewport(ratio=1)
+    phone.page.locator("#text").tap()
+    text = unique("sent from a phone")
+    phone.say(text)
+    expect(phone.page.locator("#text")).to_be_in_viewport(ratio=1)
+    assert_fits_width(phone.page, 375)
+
+
+def assert_visibly_focused(page):
+    """Check that the focused element shows a focus ring; returns its id."""
+    focused = page.evaluate("""() => {
+        const element = document.activeElement;
+        return { id: element.id, visible: element.matches(":focus-visible"),
+                 outline: getComputedStyle(element).outlineStyle };
+    }""")
+    assert focused["visible"] and focused["outline"] != "none", \
+        f"#{focused['id']} has the focus but does not show it: {focused}"
+    return focused["id"]
+
+
+def test_keyboard_and_screen_reader(browser_room, people):
+    # Pia uses only the keyboard: Tab reaches the message box, Send, Mute and her name in that
+    # order, each visibly focused and named; the name editor works by keyboard; new messages
+    # are in a polite live region for screen readers.
+    pia = people(browser_room)
+    page = pia.page
+    page.locator("h1").click()  # start from the top of the page, as after loading
+    wanted = ["text", "send", "mute", "name-button"]
+    visited = []
+    while "name-button" not in visited and len(visited) < 10:
+        page.keyboard.press("Tab")
+        visited.append(assert_visibly_focused(page))
+        if visited[-1] in wanted:
+            expect(page.locator("#" + visited[-1])).to_have_accessible_name(re.compile(r"\w"))
+    order = [element for element in visited if element in wanted]
+    assert order == wanted, f"Tab visits {visited}, expected {wanted} in this order"
+
+    # The name button's accessible name contains the name it shows (WCAG "label in name").
+    name_button = page.locator("#name-button")
+    expect(name_button).to_have_accessible_name(re.compile(re.escape(pia.my_name())))
+    page.keyboard.press("Enter")
+    field = page.locator("#name-input")
+    expect(field).to_be_focused()
+    expect(field).to_have_accessible_name("Your name")
+    assert_visibly_focused(page)
+    name = unique("Pia")
+    page.keyboard.press("ControlOrMeta+a")
+    page.keyboard.type(name)
+    page.keyboard.press("Enter")
+    expect(name_button).to_be_focused()
+    expect(name_button).to_have_accessible_name(re.compile(re.escape(name)))
+
+    text = unique("for the screen reader")
+    someone_says(browser_room, text)
+    live = pia.row(text).evaluate("""row => {
+        const region = row.closest("[aria-live]");
+        return region && { live: region.getAttribute("aria-live"),
+                           role: region.getAttribute("role"),
+                           hidden: Boolean(row.closest("[aria-hidden=true], [hidden]")) };
+    }""")
+    assert live and live["live"] in ("polite", "assertive") and not live["hidden"], live
