@@ -42,6 +42,7 @@ How this file is organised
 import argparse
 import base64
 import collections
+import contextlib
 import hashlib
 import http
 import http.server
@@ -68,7 +69,9 @@ from urllib.parse import parse_qs
 # Serving.
 DEFAULT_HOST = "127.0.0.1"  # this machine only; --host 0.0.0.0 lets others on the network join
 DEFAULT_PORT = 8000
-LISTEN_BACKLOG = 1024  # connections the kernel holds for us before accept(); the stdlib's 5 refuses a crowd
+LISTEN_BACKLOG = 4096  # connections the kernel holds for us before accept(): the stdlib's 5
+#                        refuses a crowd, and 1024 dropped part of a crowd of 2000, who came back
+#                        1 s later (Linux caps it at net.core.somaxconn: 4096 since 5.4, 128 before)
 DEFAULT_MAX_CLIENTS = 2500  # open connections (one thread each); past it newcomers get a quick 503
 DEFAULT_REQUEST_TIMEOUT = 10  # seconds from the end of one answer until the next request has fully
 #                               arrived: a client that stalls, or sends a byte at a time, is dropped
@@ -97,9 +100,14 @@ MAX_BATCH = 500  # messages in one answer to a page that fell far behind; it ask
 MAX_TEXT_LENGTH = 2000  # characters in one message
 MAX_NAME_LENGTH = 40  # characters in a name
 MAX_BODY_BYTES = 16 * 1024  # a JSON body larger than this is refused unread
+MAX_HEADER_LINE = 65536  # bytes in one request header line, as http.client allows
+MAX_HEADERS = 100  # header lines in one request, as http.client allows
+REQUEST_BUFFER = 2048  # bytes read ahead on each connection
 
 # Rate limits: at most COUNT messages in any SECONDS, for each (COUNT, SECONDS) pair.
 RATE_LIMITS = [(2, 3), (3, 10), (8, 60), (50, 600)]
+FORGET_POSTS_EVERY = 1000  # posts between two clean-ups of the limiter's memory: each clean-up
+#                            looks at every recent poster, so doing it on every post would not do
 
 # Identity.
 SESSION_COOKIE = "sid"
@@ -274,12 +282,12 @@ class Room:
             version = self.version + 1
             self.storage.save_name(user, name, version)
             user.name = name
-            self._publish(version, online=self.presence.online_list())
+            self._publish(version, online=self.presence.online_list(recompute=True))
 
     def refresh_presence(self):
         """Announce the online list if it changed. Called once a second by a background thread."""
         online = self.presence.online_list()
-        if online == self.online:
+        if online is self.online or online == self.online:
             return
         with self._write_lock:
             version = self.version + 1
@@ -304,15 +312,26 @@ class Presence:
     """Who is online: anyone with a parked poll, or whose last poll is within the online window.
 
     A parked thread does not read its socket, so it cannot notice that its page was closed. To
-    notice anyway, every parked socket is registered with a selector: when the browser closes the
-    connection, the socket becomes readable with nothing to read, and that poll stops counting.
+    notice anyway, every connection's socket is registered with a selector while it is open:
+    when the browser closes it, the socket becomes readable with nothing to read, and the poll
+    parked on it stops counting.
+
+    Two locks, and no system call while holding _lock in park() and unpark(). A system call lets
+    go of the GIL, and a thread that makes one while holding a lock must get the GIL back before
+    it can let go of the lock: meanwhile every other poll queues on the lock. When park()
+    registered each poll's socket under _lock, polls spent more time in that queue than on
+    their own work (bench_chatroom.py, fan-out and crowd). So the selector has a lock of its
+    own, taken when a connection opens, when it closes, and once a second by online_list().
     """
 
     def __init__(self, window):
         self.window = window
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the four fields below
         self._last_seen = {}  # user id -> (User, time.monotonic() of their last poll)
         self._parked = collections.defaultdict(list)  # user id -> [ParkedPoll, ...], oldest first
+        self._parked_on = {}  # socket -> the ParkedPoll waiting on it
+        self._online = None  # online_list()'s last answer; None once someone arrives or leaves
+        self._selector_lock = threading.Lock()
         self._selector = selectors.DefaultSelector()
 
     def touch(self, user):
@@ -321,18 +340,22 @@ class Presence:
 
     def _seen_now(self, user):
         """Count `user` as online from now, unless the list is full (see MAX_ONLINE)."""
-        if user.id in self._last_seen or len(self._last_seen) < MAX_ONLINE:
+        if user.id in self._last_seen:
             self._last_seen[user.id] = (user, time.monotonic())
+        elif len(self._last_seen) < MAX_ONLINE:
+            self._last_seen[user.id] = (user, time.monotonic())
+            self._online = None  # someone arrived: online_list() must make the list again
 
     def park(self, poll):
         """Count a parked poll. Returns the user's oldest parked poll if they now have too many."""
         with self._lock:
             polls = self._parked[poll.user.id]
             polls.append(poll)
-            self._watch(poll)
+            if poll.connection is not None:
+                self._parked_on[poll.connection] = poll
             if len(polls) > MAX_PARKED_PER_USER:
                 oldest = polls.pop(0)
-                self._unwatch(oldest)
+                self._parked_on.pop(oldest.connection, None)
                 return oldest
         return None
 
@@ -344,51 +367,75 @@ class Presence:
             polls.remove(poll)
             if not polls:
                 del self._parked[poll.user.id]
-            self._unwatch(poll)
+            self._parked_on.pop(poll.connection, None)
             self._seen_now(poll.user)
 
     def is_online(self, user_id):
         with self._lock:
             return user_id in self._last_seen
 
-    def online_list(self):
-        """Forget who left, and return who is online, sorted by name."""
+    def online_list(self, recompute=False):
+        """Forget who left, and return who is online, sorted by name.
+
+        The sorted list is kept, and made again only when someone arrived or left, or when
+        asked to (a name changed): sorting a thousand names every second was most of what an
+        idle room cost.
+        """
+        self._forget_closed_connections()
         now = time.monotonic()
         with self._lock:
-            self._forget_closed_connections()
             for user_id, (user, seen) in list(self._last_seen.items()):
                 if user_id not in self._parked and now - seen > self.window:
                     del self._last_seen[user_id]
-            users = [user for user, _ in self._last_seen.values()]
-        users.sort(key=lambda user: (user.name.casefold(), user.id))
-        return [user.public() for user in users]
+                    self._online = None
+            if self._online is None or recompute:
+                users = sorted((user for user, _ in self._last_seen.values()),
+                               key=lambda user: (user.name.casefold(), user.id))
+                self._online = [user.public() for user in users]
+            return self._online
 
-    def _watch(self, poll):
-        if poll.connection is not None:
-            self._selector.register(poll.connection, selectors.EVENT_READ, poll)
+    # --- Watching connections ----------------------------------------------------------------------
 
-    def _unwatch(self, poll):
-        if poll.connection is not None:
+    def watch(self, connection):
+        """A connection opened: watch its socket until forget_connection()."""
+        with self._selector_lock:
             try:
-                self._selector.unregister(poll.connection)
+                self._selector.register(connection, selectors.EVENT_READ)
+            except (OSError, ValueError):
+                pass  # not watched: its polls are still answered by their time-out
+
+    def forget_connection(self, connection):
+        """A connection is closing (or has closed): stop watching its socket."""
+        with self._selector_lock:
+            try:
+                self._selector.unregister(connection)
             except (KeyError, ValueError):
                 pass  # already gone
 
     def _forget_closed_connections(self):
-        try:
-            ready = self._selector.select(timeout=0)
-        except (OSError, ValueError):
-            return  # e.g. too many sockets for select() on Windows: rely on time-outs alone
-        for key, _ in ready:
-            poll = key.data
-            if not peer_has_closed(poll.connection):
-                continue
-            self._unwatch(poll)
-            polls = self._parked.get(poll.user.id, [])
-            if poll in polls:
-                polls.remove(poll)
-                if not polls:
-                    del self._parked[poll.user.id]
+        closed = []
+        # Both locks, so that a poll parked when select() ran is still parked when we peek: its
+        # socket is then readable only because the page closed it (or sent another request),
+        # and the peek returns at once. An unparked poll's thread might have read the socket
+        # empty in between, and the peek would wait for the socket's time-out.
+        with self._selector_lock, self._lock:
+            try:
+                ready = self._selector.select(timeout=0)
+            except (OSError, ValueError):
+                return  # e.g. too many sockets for select() on Windows: rely on time-outs alone
+            for key, _ in ready:
+                poll = self._parked_on.get(key.fileobj)
+                if poll is None or not peer_has_closed(key.fileobj):
+                    continue  # no poll parked on it (its own thread reads it), or a request
+                closed.append(key.fileobj)
+                del self._parked_on[key.fileobj]
+                polls = self._parked.get(poll.user.id, [])
+                if poll in polls:
+                    polls.remove(poll)
+                    if not polls:
+                        del self._parked[poll.user.id]
+        for connection in closed:
+            self.forget_connection(connection)
 
 
 def peer_has_closed(connection):
@@ -460,13 +507,15 @@ class RateLimiter:
         self.limits = limits
         self.longest = max(seconds for _, seconds in limits)
         self._times = {}  # user id -> deque of time.monotonic() of accepted posts, oldest first
+        self._attempts = 0
         self._lock = threading.Lock()
 
     def try_acquire(self, user_id):
         """Count a post now, or return (seconds to wait, (count, seconds) of the limit hit)."""
         now = time.monotonic()
         with self._lock:
-            if len(self._times) > MAX_CACHED_USERS:
+            self._attempts += 1
+            if self._attempts % FORGET_POSTS_EVERY == 0:
                 self._forget_old_posts(now)
             times = self._times.setdefault(user_id, collections.deque())
             while times and now - times[0] >= self.longest:
@@ -492,6 +541,7 @@ class RateLimiter:
                 times.pop()
 
     def _forget_old_posts(self, now):
+        """Drop the users whose every post is older than the longest window."""
         self._times = {user_id: times for user_id, times in self._times.items()
                        if times and now - times[-1] < self.longest}
 
@@ -692,6 +742,19 @@ class RequestReader(io.RawIOBase):
             self.connection.settimeout(self.seconds)  # writing an answer keeps the usual time-out
 
 
+class Headers(dict):
+    """A request's headers, by lower-cased name; get() and `in` ignore case, as HTTP does."""
+
+    def get(self, name, default=None):
+        return super().get(name.lower(), default)
+
+    def __contains__(self, name):
+        return super().__contains__(name.lower())
+
+    def __getitem__(self, name):
+        return super().__getitem__(name.lower())
+
+
 class ChatHandler(http.server.BaseHTTPRequestHandler):
     """Serves one connection: reads each request, calls the room, writes one answer per request.
 
@@ -709,13 +772,61 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.rfile.close()  # read through RequestReader instead, for its deadline
         self.request_reader = RequestReader(self.connection, self.timeout)
-        self.rfile = io.BufferedReader(self.request_reader)
+        # 2 KB holds a browser's request; the usual 8 KB stays mostly empty, on every connection.
+        self.rfile = io.BufferedReader(self.request_reader, REQUEST_BUFFER)
         self.new_sid = None
         self.body_pending = False
+        self.server.room.presence.watch(self.connection)  # to notice when the page goes away
+
+    def finish(self):
+        self.server.room.presence.forget_connection(self.connection)
+        super().finish()
 
     def handle_one_request(self):
         self.request_reader.start_deadline()  # the next request must have arrived in time
         super().handle_one_request()
+
+    def parse_request(self):
+        """Read the request line and the headers. False if refused (and already answered).
+
+        This replaces http.server's parse_request, which hands the header lines to the email
+        package: a parser made for mail (folded lines, MIME parts) that costs six times what
+        the loop below does, and was the largest single cost of a poll (bench_chatroom.py,
+        fan-out). An HTTP header is one "Name: value" line; an empty line ends them.
+        """
+        self.command, self.request_version = None, "HTTP/0.9"
+        self.close_connection = True
+        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        words = self.requestline.split()
+        if len(words) != 3 or not words[2].startswith("HTTP/"):
+            self.send_error(400, "The request line is not METHOD PATH HTTP/1.1.")
+            return False
+        if words[2] not in ("HTTP/1.0", "HTTP/1.1"):
+            self.send_error(505, "Only HTTP/1.0 and HTTP/1.1 are spoken here.")
+            return False
+        self.command, self.path, self.request_version = words
+        self.headers = Headers()
+        for _ in range(MAX_HEADERS):
+            line = self.rfile.readline(MAX_HEADER_LINE + 1)
+            if line in (b"\r\n", b"\n", b""):
+                break
+            if len(line) > MAX_HEADER_LINE:
+                self.send_error(431, "A header line is too long.")
+                return False
+            name, colon, value = line.decode("iso-8859-1").partition(":")
+            if not colon or not name or name != name.strip():  # also refuses folded lines
+                self.send_error(400, "A header line is not Name: value.")
+                return False
+            self.headers.setdefault(name.lower(), value.strip())  # the first one counts
+        else:
+            self.send_error(431, f"A request may have at most {MAX_HEADERS} header lines.")
+            return False
+        connection = self.headers.get("Connection", "").lower()
+        keep_alive = self.request_version == "HTTP/1.1" or connection == "keep-alive"
+        self.close_connection = connection == "close" or not keep_alive
+        if self.headers.get("Expect", "").lower() == "100-continue":
+            return self.handle_expect_100()  # curl asks this before sending a larger body
+        return True
 
     def do_GET(self):
         self.dispatch()
@@ -1066,21 +1177,22 @@ class ChatServer(http.server.ThreadingHTTPServer):
         with self._busy:
             self.open_connections -= 1
 
+    @contextlib.contextmanager
     def request_in_progress(self):
-        """A context manager that counts requests being handled, so shutdown can wait for them."""
-        server = self
+        """Count the requests being handled, so that shutdown can wait for them.
 
-        class Counting:
-            def __enter__(self):
-                with server._busy:
-                    server._requests_in_progress += 1
-
-            def __exit__(self, *exc_info):
-                with server._busy:
-                    server._requests_in_progress -= 1
-                    server._busy.notify_all()
-
-        return Counting()
+        A generator, not a class made on each call: a new class per request is slow to make and
+        leaves reference cycles that only the garbage collector frees. With a thousand pages
+        polling, that garbage was a quarter of the server's memory (bench_chatroom.py, fan-out).
+        """
+        with self._busy:
+            self._requests_in_progress += 1
+        try:
+            yield
+        finally:
+            with self._busy:
+                self._requests_in_progress -= 1
+                self._busy.notify_all()
 
     def wait_for_requests(self, timeout):
         with self._busy:
@@ -1208,8 +1320,14 @@ def raise_open_file_limit():
         pass  # not on this system (Windows), or not allowed: keep what we have
 
 
+def stop_on_sigterm(signum, frame):
+    """SIGTERM (from `kill`, or a service manager) stops the server just as Ctrl-C does."""
+    raise KeyboardInterrupt
+
+
 def main(argv=None):
     args = parse_arguments(argv)
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     page = read_beside_this_file("index.html")
     chime = read_beside_this_file("chime.wav")
     try:
@@ -1228,17 +1346,12 @@ def main(argv=None):
         storage.close()
         sys.exit(f"chatroom: cannot listen on {args.host}:{args.port} ({error.strerror})")
 
-    host, port = server.server_address[:2]
-    shown_host = f"[{host}]" if ":" in host else host
-    print(f"Chat room running at http://{shown_host}:{port}/ (Ctrl-C to stop)", flush=True)
-
-    def stop_on_sigterm(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
     stop = threading.Event()
     threading.Thread(target=keep_presence_fresh, args=(room, stop), daemon=True).start()
     try:
+        host, port = server.server_address[:2]
+        shown_host = f"[{host}]" if ":" in host else host
+        print(f"Chat room running at http://{shown_host}:{port}/ (Ctrl-C to stop)", flush=True)
         server.serve_forever()
     except KeyboardInterrupt:
         pass

@@ -2160,3 +2160,10 @@ def test_keyboard_and_screen_reader(browser_room, people):
                            hidden: Boolean(row.closest("[aria-hidden=true], [hidden]")) };
     }""")
     assert live and live["live"] in ("polite", "assertive") and not live["hidden"], live
+
+
+def test_sigterm_right_after_start_exits_cleanly(start_server):
+    # A server stopped the moment it has printed its address still shuts down cleanly.
+    server = start_server()
+    assert server.stop(signal.SIGTERM) == 0
+    assert "Traceback" not in server.output() and "Chat room stopped." in server.output()
