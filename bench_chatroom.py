@@ -1,0 +1,1215 @@
+"""How fast is the chat room with a thousand people in it? A benchmark for chatroom.py.
+
+Run it:    python bench_chatroom.py                    every scenario, a few minutes
+           python bench_chatroom.py --quick            small sizes, a smoke test in about a minute
+           python bench_chatroom.py --scenarios single,fanout --fanout-sizes 100,1000
+           python bench_chatroom.py --chatroom /tmp/perf/chatroom.py     measure a patched copy
+           python bench_chatroom.py --url http://127.0.0.1:8000/ --pid 1234   a running server
+
+Standard library only, Linux only (server CPU and memory come from /proc).
+
+What it measures
+----------------
+By default the benchmark starts chatroom.py itself (the one beside this file) on a free port,
+with a data file in a temporary directory: a fresh server for each scenario, so that one
+scenario's leftovers (threads, cached users, rate-limit memory) cannot colour the next. Then it
+plays the part of many browsers at once:
+
+    single     One page waits; someone else posts. How long until the page has the message?
+    fanout     N pages wait (N = 100, 1000, 2000), each its own person with its own cookie. Each
+               round one new person posts one message, and every page asks again the moment it
+               gets its answer, as the real page does. How long until one page, and every page,
+               has it? How long does the poster wait for its 201? Was any delivery lost?
+    idle       N pages wait and nothing happens for 10 s. What does that cost the server? (It is
+               started with --poll-timeout 60, so that no poll times out inside the window.)
+    bytes      The size of the answer that carries one new message to a waiting page, with 2000
+               pages waiting and 10,000 messages stored.
+    crowd      2000 people open the room at the same moment (page, chime, first poll). How long
+               until every one of them is parked and the server is quiet again?
+    startup    How long the server takes to start, and to answer a first poll, with 1,000,000
+               stored messages. (That file is built once by writing rows straight into SQLite,
+               and cached under /tmp, so reruns are quick.)
+    sustained  50 people chat as fast as the rate limits allow while 500 listen, for 20 s. Every
+               listener must see every accepted message exactly once, in order.
+
+Latency is measured from the moment the POST is written to the socket to the moment a page has
+read its whole answer. Percentiles are over every delivery of every round; "reach everyone" is
+the time the slowest page of a round needed, and the table shows its median over the rounds. The
+first round of single and fanout is a warm-up and is not counted.
+
+How the load is generated, and why that way
+--------------------------------------------
+A load generator must not be the bottleneck, or it measures itself. A thread per simulated page
+would put 2000 threads of our own on the same two cores as the server's. Instead there is one
+asyncio event loop, and each simulated page is one small HTTP/1.1 client (HttpConnection below)
+on one keep-alive connection, which is what a browser's page does. The requests carry the
+headers a browser sends (BROWSER_HEADERS), because parsing them is part of the server's work.
+The benchmark's own CPU time is printed beside the server's, so you can see it had room to spare.
+
+Beside time, fan-out reports the server's context switches per delivery (from /proc): with a
+thread per connection and one GIL, switching threads is where much of the time goes.
+
+The machine is shared and noisy: run twice and trust what both runs agree on.
+"""
+
+import argparse
+import asyncio
+import collections
+import hashlib
+import http.client
+import json
+import os
+import random
+import resource
+import secrets
+import selectors
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+# ==================================================================================================
+# Settings
+# ==================================================================================================
+
+SCENARIOS = ["single", "fanout", "idle", "bytes", "crowd", "startup", "sustained"]
+
+# The issue's targets, on a 2-core machine. Every one reads "at most LIMIT".
+# (scenario, N or None for any N, metric, limit)
+TARGETS = [
+    ("single", None, "p50_ms", 3.0),
+    ("fanout", 1000, "reach_all_ms", 250.0),
+    ("fanout", 1000, "post_ms", 20.0),
+    ("fanout", 1000, "rss_mb", 64.0),
+    ("idle", 1000, "rss_mb", 64.0),
+    ("idle", 1000, "cpu_s", 0.02),  # server CPU seconds in the 10 s window
+    ("bytes", None, "broadcast_bytes", 1023),  # "less than 1 KB", headers included
+    ("crowd", 2000, "settle_s", 3.0),
+    ("startup", None, "start_s", 1.0),
+    (None, None, "lost", 0),
+    (None, None, "duplicates", 0),
+    (None, None, "out_of_order", 0),
+]
+
+# What a browser sends with every request from the page (Chrome, give or take a header).
+BROWSER_HEADERS = [
+    ("Connection", "keep-alive"),
+    ("User-Agent", "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
+                   "Chrome/120.0.0.0 Safari/537.36"),
+    ("Accept", "*/*"),
+    ("Sec-Fetch-Site", "same-origin"),
+    ("Sec-Fetch-Mode", "cors"),
+    ("Sec-Fetch-Dest", "empty"),
+    ("Accept-Encoding", "gzip, deflate, br"),
+    ("Accept-Language", "en-GB,en;q=0.9"),
+]
+
+# The server's rate limits allow 3 messages in any 10 s (and 8 a minute): one every 3.5 s keeps
+# a sustained poster inside all of them for the 20 s the scenario lasts.
+SUSTAINED_POST_INTERVAL = 3.5  # seconds
+
+PRESENCE_INTERVAL = 1.0  # seconds; chatroom.py announces arrivals and departures this often
+CONNECT_BATCH = 100  # pages that connect at the same moment while a scenario sets up (not crowd)
+ROUND_TIMEOUT = 10.0  # seconds a round may take before its missing deliveries count as lost
+SETTLE_TIMEOUT = 60.0  # seconds we wait for the pages to be parked and the server to be quiet
+START_TIMEOUT = 30.0  # seconds the server may take to print its address
+STARTUP_REPEATS = 3  # start-up is timed this many times; the median is shown
+PAGE_MAX_POLLS = 100_000  # a page stops after this many polls whatever happens (a safety bound)
+CACHE_DIR = Path(tempfile.gettempdir())  # where the big data file is kept between runs
+
+QUICK_SIZES = dict(single_rounds=20, fanout_sizes="50,200", rounds=10, idle_sizes="200",
+                   idle_seconds=3.0, bytes_clients=200, bytes_history=1000, crowd=300,
+                   startup_messages=100_000, posters=10, listeners=50, sustained_seconds=6.0)
+
+
+# ==================================================================================================
+# Measuring a process: CPU and memory from /proc
+# ==================================================================================================
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+class ProcessMeter:
+    """Reads a process's CPU time and memory from /proc/PID (Linux)."""
+
+    def __init__(self, pid):
+        self.pid = pid
+
+    def cpu_seconds(self):
+        """User + system CPU of all the process's threads, in clock ticks (usually 10 ms)."""
+        with open(f"/proc/{self.pid}/stat") as file:
+            fields = file.read().rsplit(")", 1)[1].split()  # the name in (...) may hold spaces
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # fields 14 and 15: utime, stime
+
+    def precise_cpu_seconds(self):
+        """The same, to the nanosecond, summed over threads (/proc/PID/task/*/schedstat).
+
+        Costly with thousands of threads, so used only where ticks are too coarse (idle).
+        Threads that ended are missing from the sum; in an idle window none end.
+        """
+        total = 0
+        for task in os.listdir(f"/proc/{self.pid}/task"):
+            try:
+                with open(f"/proc/{self.pid}/task/{task}/schedstat") as file:
+                    total += int(file.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                pass  # the thread ended while we looked
+        return total / 1e9
+
+    def context_switches(self):
+        """Context switches of the process's live threads so far (/proc/PID/task/*/status)."""
+        total = 0
+        for task in os.listdir(f"/proc/{self.pid}/task"):
+            try:
+                with open(f"/proc/{self.pid}/task/{task}/status") as file:
+                    for line in file:
+                        if "ctxt_switches:" in line:  # voluntary and nonvoluntary
+                            total += int(line.split()[1])
+            except (OSError, ValueError):
+                pass  # the thread ended while we looked
+        return total
+
+    def memory(self):
+        """(resident memory in MB, number of threads)."""
+        status = {}
+        with open(f"/proc/{self.pid}/status") as file:
+            for line in file:
+                name, _, value = line.partition(":")
+                status[name] = value.split()
+        return int(status["VmRSS"][0]) / 1024, int(status["Threads"][0])
+
+
+def own_cpu_seconds():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class CpuWatch:
+    """CPU used by the server and by this benchmark between start() and stop()."""
+
+    def __init__(self, meter):
+        self.meter = meter
+
+    def start(self):
+        self.server_start = self.meter.cpu_seconds() if self.meter else None
+        self.own_start = own_cpu_seconds()
+        self.wall_start = time.perf_counter()
+        return self
+
+    def stop(self):
+        result = {"wall_s": round(time.perf_counter() - self.wall_start, 3),
+                  "bench_cpu_s": round(own_cpu_seconds() - self.own_start, 3)}
+        if self.meter:
+            result["server_cpu_s"] = round(self.meter.cpu_seconds() - self.server_start, 3)
+        return result
+
+
+def memory_fields(meter):
+    if meter is None:
+        return {}
+    rss, threads = meter.memory()
+    return {"rss_mb": round(rss, 1), "threads": threads}
+
+
+# ==================================================================================================
+# The server under test
+# ==================================================================================================
+
+class LocalServer:
+    """A chatroom.py that we start on a free port, with a data file of our choosing."""
+
+    def __init__(self, script, data_path, *options):
+        self.script = Path(script)
+        self.data_path = Path(data_path)
+        self.options = [str(option) for option in options]
+        self.log_path = self.data_path.with_suffix(".log")
+        self.process = None
+
+    def start(self):
+        """Start the server; returns the seconds until it printed the address it listens on."""
+        command = [sys.executable, str(self.script), "--host", "127.0.0.1", "--port", "0",
+                   "--data", str(self.data_path), *self.options]
+        self.log = open(self.log_path, "ab")
+        started = time.perf_counter()
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self.log)
+        line = read_line_within(self.process.stdout, START_TIMEOUT)
+        elapsed = time.perf_counter() - started
+        if "running at http://" not in line:
+            self.stop()
+            raise RuntimeError(f"{self.script} did not start: {line!r}\n{self.log_tail()}")
+        address = line.split("http://", 1)[1].split("/", 1)[0]
+        self.host, port = address.rsplit(":", 1)
+        self.port = int(port)
+        self.host_header = address
+        self.meter = ProcessMeter(self.process.pid)
+        return elapsed
+
+    def stop(self):
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self.process.stdout.close()
+        self.log.close()
+        self.process = None
+
+    def check_alive(self):
+        if self.process.poll() is not None:
+            raise RuntimeError(f"the server exited with {self.process.returncode}\n"
+                               f"{self.log_tail()}")
+
+    def log_summary(self):
+        """How many lines the server logged, and whether any was a traceback (a problem)."""
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return {}
+        tracebacks = sum(line.startswith("Traceback") for line in lines)
+        summary = {"server_log_lines": len(lines)}
+        if tracebacks:
+            summary["problems"] = {"tracebacks in the server's log": tracebacks}
+        return summary
+
+    def log_tail(self, lines=15):
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+
+class RunningServer:
+    """A server someone else started (--url). We cannot restart it or choose its data."""
+
+    def __init__(self, url, pid):
+        parts = urlsplit(url)
+        self.host_header = parts.netloc
+        self.host = socket.getaddrinfo(parts.hostname, None, socket.AF_INET)[0][4][0]
+        self.port = parts.port or 80
+        self.meter = ProcessMeter(pid) if pid else None
+
+    def check_alive(self):
+        pass
+
+    def log_summary(self):
+        return {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        pass
+
+
+def read_line_within(pipe, timeout):
+    """One line from a child's stdout, or '' if none comes within `timeout` seconds."""
+    with selectors.DefaultSelector() as selector:
+        selector.register(pipe, selectors.EVENT_READ)
+        if not selector.select(timeout):
+            return ""
+    return pipe.readline().decode("utf-8", "replace")
+
+
+# --- Data files with a long history -----------------------------------------------------------
+
+def build_data_file(script, path, count):
+    """A data file holding `count` messages: created by the server, then filled with sqlite3.
+
+    Posting a million messages through the API would take days under the rate limits, so we
+    let the server create an empty file (its schema, its settings), stop it, and write the rows
+    straight into the tables: room(version), users(sid, id, name), messages(id, user, name,
+    text, time). The room's version is then the newest message's id, as the server would have it.
+    """
+    with LocalServer(script, path) as server:
+        first_poll(server)  # it is fully up (stopping it sooner can leave a traceback in its log)
+    users = []
+    for _ in range(20):
+        sid = secrets.token_urlsafe(24)
+        user_id = hashlib.sha256(sid.encode("ascii")).hexdigest()[:16]
+        users.append((sid, user_id, f"Tester {user_id[:4]}"))
+    start_ms = int(time.time() * 1000) - count * 1000
+    rows = ((number, users[number % 20][1], users[number % 20][2],
+             f"Message number {number}: the quick brown fox jumps over the lazy dog.",
+             start_ms + number * 1000) for number in range(1, count + 1))
+    database = sqlite3.connect(path, isolation_level=None)
+    try:
+        database.execute("PRAGMA journal_mode = DELETE")  # one big write; no WAL to checkpoint
+        database.execute("PRAGMA synchronous = OFF")  # a scratch file: a crash just means rebuild
+        database.execute("BEGIN")
+        database.executemany("INSERT INTO users VALUES (?, ?, ?)", users)
+        database.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?)", rows)
+        database.execute("UPDATE room SET version = (SELECT max(id) FROM messages)")
+        database.execute("COMMIT")  # (the server switches the file back to WAL when it opens it)
+    finally:
+        database.close()
+
+
+def schema_of(path):
+    """(user_version, table definitions): enough to tell whether a cached file still fits."""
+    database = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        version = database.execute("PRAGMA user_version").fetchone()[0]
+        tables = sorted(row[0] for row in database.execute("SELECT sql FROM sqlite_master"))
+        return version, tables
+    finally:
+        database.close()
+
+
+def cached_data_file(script, count, scratch):
+    """A file with `count` messages, built once and kept in CACHE_DIR for the next run."""
+    cached = CACHE_DIR / f"chatroom-bench-{count}.db"
+    fresh = Path(scratch) / "schema-probe.db"
+    with LocalServer(script, fresh) as server:
+        first_poll(server)
+    if cached.exists():
+        try:
+            database = sqlite3.connect(f"file:{cached}?mode=ro", uri=True)
+            newest = database.execute("SELECT max(id) FROM messages").fetchone()[0]
+            database.close()
+            if newest == count and schema_of(cached) == schema_of(fresh):
+                return cached, 0.0
+        except sqlite3.Error:
+            pass
+        progress(f"  the cached {cached} does not fit this chatroom.py; building it again")
+    started = time.perf_counter()
+    building = Path(scratch) / f"building-{count}.db"
+    build_data_file(script, building, count)
+    shutil.copyfile(building, cached.with_suffix(".part"))
+    os.replace(cached.with_suffix(".part"), cached)  # never leave a half-built file behind
+    return cached, time.perf_counter() - started
+
+
+# ==================================================================================================
+# A minimal HTTP/1.1 client for asyncio: one connection, one request at a time
+# ==================================================================================================
+
+class Response:
+    __slots__ = ("status", "headers", "body", "size", "received")
+
+    def __init__(self, status, headers, body, size, received):
+        self.status = status
+        self.headers = headers  # lower-cased names
+        self.body = body
+        self.size = size  # bytes on the wire: head and body
+        self.received = received  # time.perf_counter() when the last byte had been read
+
+    def json(self):
+        return json.loads(self.body)
+
+
+class HttpConnection(asyncio.Protocol):
+    """A keep-alive HTTP/1.1 connection: write a request, get a Future for its response.
+
+    Just enough HTTP for chatroom.py, which always sends Content-Length. asyncio turns on
+    TCP_NODELAY for its sockets, so small requests are not held back.
+    """
+
+    def __init__(self):
+        self.transport = None
+        self._buffer = bytearray()
+        self._waiter = None  # the Future of the request in flight
+        self._head = None  # (status, headers, head size, total size) once the head has arrived
+
+    @classmethod
+    async def open(cls, host, port):
+        _, connection = await asyncio.get_running_loop().create_connection(cls, host, port)
+        return connection
+
+    def request(self, method, target, head_lines, body=b""):
+        """Send a request; `head_lines` is the already-encoded header block (see header_block)."""
+        if self._waiter is not None:
+            raise RuntimeError("one request at a time on a connection")
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionError("the connection is closed")
+        self._waiter = asyncio.get_running_loop().create_future()
+        if body:
+            head_lines += b"Content-Length: %d\r\n" % len(body)
+        self.transport.write(b"%s %s HTTP/1.1\r\n%s\r\n%s"
+                             % (method.encode(), target.encode(), head_lines, body))
+        return self._waiter
+
+    def close(self):
+        if self.transport is not None:
+            self.transport.close()
+
+    # --- asyncio.Protocol callbacks ---------------------------------------------------------------
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self._buffer += data
+        while self._waiter is not None:
+            if self._head is None:
+                end = self._buffer.find(b"\r\n\r\n")
+                if end < 0:
+                    return
+                lines = self._buffer[:end].decode("latin-1").split("\r\n")
+                headers = {}
+                for line in lines[1:]:
+                    name, _, value = line.partition(":")
+                    headers[name.strip().lower()] = value.strip()
+                length = int(headers.get("content-length", 0))
+                self._head = (int(lines[0].split(" ", 2)[1]), headers, end + 4, end + 4 + length)
+            status, headers, head_size, total = self._head
+            if len(self._buffer) < total:
+                return
+            body = bytes(self._buffer[head_size:total])
+            del self._buffer[:total]
+            self._head = None
+            waiter, self._waiter = self._waiter, None
+            if not waiter.done():
+                waiter.set_result(Response(status, headers, body, total, time.perf_counter()))
+
+    def connection_lost(self, exc):
+        self.transport = None
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(ConnectionError("the server closed the connection"))
+        self._waiter = None
+
+
+def header_block(server, sid=None, extra=()):
+    """The encoded header lines of a browser's request to `server`, with its cookie."""
+    lines = [("Host", server.host_header), *BROWSER_HEADERS, *extra]
+    if sid:
+        lines.append(("Cookie", f"sid={sid}"))
+    return "".join(f"{name}: {value}\r\n" for name, value in lines).encode("latin-1")
+
+
+async def open_connection(server, attempts=3):
+    """Connect, trying again after a pause if refused: a browser would, too."""
+    for attempt in range(attempts):
+        try:
+            return await HttpConnection.open(server.host, server.port)
+        except OSError:
+            if attempt == attempts - 1:
+                raise
+            await asyncio.sleep(0.5 * (attempt + 1))
+
+
+# ==================================================================================================
+# Simulated people: pages that listen, and people who post
+# ==================================================================================================
+
+class Page:
+    """One open chat page: its own person (cookie) and connection, always with one poll open."""
+
+    def __init__(self, audience):
+        self.audience = audience
+        self.sid = secrets.token_urlsafe(24)  # any well-formed cookie is a person to the server
+        self.connection = None
+        self.version = None  # the last version this page has seen; None before its first answer
+        self.seen = []  # ids of the messages it was sent after its snapshot, in arrival order
+        self.parked = False  # a poll with `since` has been sent and not yet answered
+        self.alive = True  # False once its connection is lost
+
+    async def open(self, server, load_page=False):
+        self.connection = await open_connection(server)
+        self.head = header_block(server, self.sid)
+        if load_page:  # what a browser fetches when someone opens the room
+            for path in ("/", "/chime.wav"):
+                response = await self.connection.request("GET", path, self.head)
+                if response.status != 200:
+                    self.audience.problems[f"GET {path} answered {response.status}"] += 1
+
+    async def live(self, server, load_page, opened):
+        """Open the page as a browser does, say so through `opened`, then keep a poll open."""
+        try:
+            await self.open(server, load_page)
+        except (OSError, ConnectionError) as error:
+            self.audience.problems[f"could not open the page: {type(error).__name__}"] += 1
+            self.alive = False
+            return
+        finally:
+            opened.set_result(None)
+        await self.run()
+
+    async def run(self):
+        audience = self.audience
+        for _ in range(PAGE_MAX_POLLS):
+            target = "/api/poll" if self.version is None else f"/api/poll?since={self.version}"
+            self.parked = self.version is not None
+            audience.last_poll_sent = time.perf_counter()
+            try:
+                response = await self.connection.request("GET", target, self.head)
+            except ConnectionError:
+                audience.problems["connection lost"] += 1
+                self.alive = False
+                return
+            finally:
+                self.parked = False
+            audience.answers += 1
+            audience.last_answer = response.received
+            if response.status != 200:
+                audience.problems[f"poll answered {response.status}"] += 1
+                await asyncio.sleep(1)
+                continue
+            answer = decode_answer(response.body)
+            if self.version is None:
+                audience.snapshot_bytes = max(audience.snapshot_bytes, response.size)
+            else:
+                audience.largest_answer = max(audience.largest_answer, response.size)
+                for message in answer["messages"]:
+                    self.seen.append(message["id"])
+                    audience.arrived(message["id"], response.received, response.size)
+            self.version = answer["version"]
+
+
+def decode_answer(body):
+    """A poll answer's version and messages, without decoding its online list.
+
+    The online list names everyone in the room: tens of KB with a thousand people. Decoding that
+    in Python for each of 2000 pages would make the benchmark, not the server, the slow part (a
+    browser's JSON.parse is much faster). The server writes "online" after "messages", and the bytes
+    ,"online":[ cannot occur inside a JSON string (a quote there is escaped as \"), so cutting
+    there leaves a valid object. If the server ever changes its order, we decode it all.
+    """
+    cut = body.find(b',"online":[')
+    if cut >= 0:
+        answer = json.loads(body[:cut] + b"}")
+        if "version" in answer and "messages" in answer:
+            return answer
+    return json.loads(body)
+
+
+class Audience:
+    """A crowd of pages, and the bookkeeping of what reached whom and when."""
+
+    def __init__(self, server, size):
+        self.server = server
+        self.pages = [Page(self) for _ in range(size)]
+        self.arrivals = collections.defaultdict(list)  # message id -> [time it reached a page]
+        self.answer_sizes = {}  # message id -> bytes of the last answer that carried it
+        self._everyone_has = {}  # message id -> Future resolved when every page has it
+        self.problems = collections.Counter()
+        self.tasks = []
+        self.answers = 0
+        self.last_answer = self.last_poll_sent = 0.0
+        self.snapshot_bytes = self.largest_answer = 0
+
+    def __len__(self):
+        return len(self.pages)
+
+    async def connect(self, batch=CONNECT_BATCH, load_page=False):
+        """Open the pages, `batch` at a time; each starts polling as soon as it is open."""
+        loop = asyncio.get_running_loop()
+        for start in range(0, len(self.pages), batch):
+            pages = self.pages[start:start + batch]
+            opened = [loop.create_future() for _ in pages]
+            self.tasks += [asyncio.create_task(page.live(self.server, load_page, done))
+                           for page, done in zip(pages, opened)]
+            await asyncio.gather(*opened)
+
+    def arrived(self, message_id, when, size):
+        times = self.arrivals[message_id]
+        times.append(when)
+        self.answer_sizes[message_id] = size
+        if len(times) == len(self.pages):
+            waiter = self._everyone_has.pop(message_id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+    async def everyone_has(self, message_id, timeout=ROUND_TIMEOUT):
+        """Wait until every page has the message; False if some still lack it after `timeout`."""
+        if len(self.arrivals[message_id]) >= len(self.pages):
+            return True
+        waiter = self._everyone_has[message_id] = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(waiter, timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    def parked_count(self):
+        return sum(page.parked for page in self.pages)
+
+    def alive_count(self):
+        return sum(page.alive for page in self.pages)
+
+    async def settle(self, quiet_for=0.0, timeout=SETTLE_TIMEOUT):
+        """Wait until every page has a poll open and the server is quiet.
+
+        With `quiet_for`, also wait until no answer has come for that many seconds: long enough
+        for a presence announcement (once a second) to have come and gone.
+        """
+        deadline = time.perf_counter() + timeout
+        while time.perf_counter() < deadline:
+            self.server.check_alive()
+            now = time.perf_counter()
+            if self.parked_count() == self.alive_count() and now - self.last_answer >= quiet_for:
+                if await server_is_quiet(self.server.meter):
+                    if self.parked_count() == self.alive_count():
+                        return True
+            await asyncio.sleep(0.02)
+        return False
+
+    def check_deliveries(self, expected):
+        """Compare what every page saw with the ids in `expected` (ascending). Returns counts."""
+        wanted = set(expected)
+        lost = duplicates = out_of_order = extra = complete = 0
+        for page in self.pages:
+            seen = page.seen
+            got = set(seen)
+            lost += len(wanted - got)
+            extra += len(got - wanted)
+            duplicates += len(seen) - len(got)
+            out_of_order += sum(1 for a, b in zip(seen, seen[1:]) if b <= a)
+            complete += seen == list(expected)
+        return {"lost": lost, "duplicates": duplicates, "out_of_order": out_of_order,
+                "unexpected": extra, "pages_complete": complete}
+
+    async def close(self):
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for page in self.pages:
+            if page.connection:
+                page.connection.close()
+        await asyncio.sleep(0)  # let the transports close
+
+
+async def server_is_quiet(meter, window=0.1):
+    """True if the server used at most one clock tick of CPU in the next `window` seconds."""
+    if meter is None:
+        await asyncio.sleep(0.3)  # no pid to watch: just give it a moment
+        return True
+    before = meter.cpu_seconds()
+    await asyncio.sleep(window)
+    return meter.cpu_seconds() - before <= 1.0 / CLOCK_TICKS
+
+
+class Poster:
+    """Posts messages over one keep-alive connection; each post can come from a new person."""
+
+    def __init__(self, server):
+        self.server = server
+        self.connection = None
+        self.origin = ("Origin", f"http://{server.host_header}")
+
+    async def open(self):
+        self.connection = await open_connection(self.server)
+
+    async def post(self, text, sid=None):
+        """Post as `sid` (a new person if None). Returns (response, time the POST was sent)."""
+        head = header_block(self.server, sid or secrets.token_urlsafe(24),
+                            [self.origin, ("Content-Type", "application/json")])
+        body = json.dumps({"text": text}).encode()
+        for attempt in range(2):
+            # The server closes a keep-alive connection that stays idle too long (while the
+            # pages of a big scenario connect, say); a browser then opens a new one, as we do.
+            if self.connection is None or self.connection.transport is None:
+                await self.open()
+            sent = time.perf_counter()
+            try:
+                response = await self.connection.request("POST", "/api/messages", head, body)
+                return response, sent
+            except ConnectionError:
+                if attempt == 1:
+                    raise
+                self.connection = None
+
+    def close(self):
+        if self.connection:
+            self.connection.close()
+
+
+def percentile(values, p):
+    """The p-th percentile by the nearest-rank method (p99 of 100 values is the 99th smallest)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * p // 100))  # ceil without floats
+    return ordered[int(rank) - 1]
+
+
+def ms(seconds):
+    return None if seconds is None else round(seconds * 1000, 2)
+
+
+def progress(text):
+    print(text, file=sys.stderr, flush=True)
+
+
+# ==================================================================================================
+# The scenarios: each returns a dict of results (one JSON line, and rows of the table)
+# ==================================================================================================
+
+async def single_delivery(server, rounds):
+    """One parked page; a new person posts; time from POST to the page having the message."""
+    audience = Audience(server, 1)
+    poster = Poster(server)
+    await poster.open()
+    await audience.connect()
+    try:
+        await audience.settle(quiet_for=PRESENCE_INTERVAL * 1.5)
+        latencies, round_trips, posted = [], [], []
+        watch = None
+        for number in range(rounds + 1):  # round 0 is a warm-up
+            if number == 1:
+                watch = CpuWatch(server.meter).start()
+            response, sent = await poster.post(f"single delivery, round {number}")
+            if response.status != 201:
+                audience.problems[f"POST answered {response.status}"] += 1
+                continue
+            message_id = response.json()["message"]["id"]
+            posted.append(message_id)
+            if await audience.everyone_has(message_id) and number > 0:
+                latencies.append(audience.arrivals[message_id][0] - sent)
+                round_trips.append(response.received - sent)
+            await wait_until(lambda: audience.parked_count() == 1, 5)
+            await asyncio.sleep(0.05)  # the server has read the new poll and parked it
+        cpu = watch.stop()
+        return {"rounds": len(latencies), "p50_ms": ms(percentile(latencies, 50)),
+                "p99_ms": ms(percentile(latencies, 99)), "max_ms": ms(max(latencies, default=None)),
+                "post_ms": ms(percentile(round_trips, 50)),
+                **audience.check_deliveries(posted), **cpu,
+                **memory_fields(server.meter), **problems(audience)}
+    finally:
+        poster.close()
+        await audience.close()
+
+
+async def fan_out(server, size, rounds):
+    """N parked pages; each round a new person posts one message; how fast does it reach all?"""
+    audience = Audience(server, size)
+    poster = Poster(server)
+    await poster.open()
+    await audience.connect()
+    try:
+        await audience.settle(quiet_for=PRESENCE_INTERVAL * 1.5)
+        latencies, reach_all, first, round_trips, posted = [], [], [], [], []
+        watch = switches = None
+        for number in range(rounds + 1):  # round 0 is a warm-up
+            if number == 1:
+                switches = server.meter.context_switches() if server.meter else None
+                watch = CpuWatch(server.meter).start()
+            response, sent = await poster.post(f"fan-out to {size}, round {number}")
+            if response.status != 201:
+                audience.problems[f"POST answered {response.status}"] += 1
+                continue
+            message_id = response.json()["message"]["id"]
+            posted.append(message_id)
+            await audience.everyone_has(message_id)
+            if number > 0:
+                times = [when - sent for when in audience.arrivals[message_id]]
+                latencies += times
+                first.append(min(times))
+                if len(times) == size:
+                    reach_all.append(max(times))
+                round_trips.append(response.received - sent)
+            await audience.settle()  # every page has asked again and the server is idle
+        cpu = watch.stop()
+        if switches is not None:  # a thread switch costs more than most of a poll's own work
+            switches = round((server.meter.context_switches() - switches) / len(latencies), 1)
+        return {"n": size, "rounds": len(round_trips),
+                "p50_ms": ms(percentile(latencies, 50)), "p99_ms": ms(percentile(latencies, 99)),
+                "first_ms": ms(statistics.median(first)) if first else None,
+                "reach_all_ms": ms(statistics.median(reach_all)) if reach_all else None,
+                "reach_all_max_ms": ms(max(reach_all, default=None)),
+                "post_ms": ms(statistics.median(round_trips)) if round_trips else None,
+                "post_max_ms": ms(max(round_trips, default=None)),
+                "switches_per_delivery": switches,
+                **audience.check_deliveries(posted), **cpu, **memory_fields(server.meter),
+                **problems(audience)}
+    finally:
+        poster.close()
+        await audience.close()
+
+
+async def idle_cost(server, size, seconds):
+    """N parked pages and nothing happening: server CPU over the window, and its memory."""
+    audience = Audience(server, size)
+    await audience.connect()
+    try:
+        await audience.settle(quiet_for=PRESENCE_INTERVAL * 1.5)
+        answers_before = audience.answers
+        meter = server.meter
+        own_before = own_cpu_seconds()
+        server_before = meter.precise_cpu_seconds() if meter else None
+        await asyncio.sleep(seconds)
+        result = {"n": size, "seconds": seconds,
+                  "bench_cpu_s": round(own_cpu_seconds() - own_before, 3),
+                  "answers_in_window": audience.answers - answers_before}
+        if meter:
+            result["cpu_s"] = round(meter.precise_cpu_seconds() - server_before, 4)
+            result["server_cpu_s"] = result["cpu_s"]
+        return {**result, **memory_fields(meter), **problems(audience)}
+    finally:
+        await audience.close()
+
+
+async def answer_bytes(server, size):
+    """The size of the answer that carries one new message to a parked page."""
+    audience = Audience(server, size)
+    poster = Poster(server)
+    await poster.open()
+    await audience.connect()
+    try:
+        await audience.settle(quiet_for=PRESENCE_INTERVAL * 1.5)
+        watch = CpuWatch(server.meter).start()
+        response, sent = await poster.post("How big is the answer that brings me to you?")
+        message_id = response.json()["message"]["id"]
+        delivered = await audience.everyone_has(message_id)
+        await audience.settle()
+        return {"n": size, "broadcast_bytes": audience.answer_sizes.get(message_id),
+                "post_answer_bytes": response.size, "snapshot_bytes": audience.snapshot_bytes,
+                "largest_answer_bytes": audience.largest_answer,
+                "lost": 0 if delivered else size - len(audience.arrivals[message_id]),
+                **watch.stop(), **memory_fields(server.meter), **problems(audience)}
+    finally:
+        poster.close()
+        await audience.close()
+
+
+async def crowd(server, size):
+    """N people open the room at the same moment: page, chime, first poll, then park."""
+    audience = Audience(server, size)
+    watch = CpuWatch(server.meter).start()
+    started = time.perf_counter()
+    try:
+        await audience.connect(batch=size, load_page=True)  # everyone at once
+        connected = time.perf_counter() - started
+        await wait_until(lambda: all(page.version is not None or not page.alive
+                                     for page in audience.pages), SETTLE_TIMEOUT)
+        all_answered = time.perf_counter() - started
+        await wait_until(lambda: audience.parked_count() == audience.alive_count(), SETTLE_TIMEOUT)
+        all_parked = time.perf_counter() - started
+        # Settled: every page parked, no answer for longer than a presence interval, and the
+        # server quiet. It settled when the last page asked again (and stayed parked).
+        settled = await audience.settle(quiet_for=PRESENCE_INTERVAL * 1.5)
+        settle_s = max(audience.last_poll_sent - started, all_parked) if settled else None
+        return {"n": size, "connected_s": round(connected, 3),
+                "first_answers_s": round(all_answered, 3), "all_parked_s": round(all_parked, 3),
+                "settle_s": None if settle_s is None else round(settle_s, 3),
+                "answers": audience.answers, "largest_answer_bytes": audience.largest_answer,
+                **watch.stop(), **memory_fields(server.meter), **problems(audience)}
+    finally:
+        await audience.close()
+
+
+def startup(script, messages, scratch):
+    """Seconds from starting chatroom.py to its first answer, with `messages` stored."""
+    cached, built = cached_data_file(script, messages, scratch)
+    result = {"messages": messages, "build_s": round(built, 1)}
+    for label, source in (("empty", None), ("full", cached)):
+        starts, firsts = [], []
+        for attempt in range(STARTUP_REPEATS):
+            data = Path(scratch) / f"startup-{label}-{attempt}.db"
+            if source:
+                shutil.copyfile(source, data)
+            server = LocalServer(script, data)
+            try:
+                started = time.perf_counter()
+                server.start()
+                starts.append(time.perf_counter() - started)
+                first_poll(server)
+                firsts.append(time.perf_counter() - started)
+                rss = server.meter.memory()[0]
+            finally:
+                server.stop()
+            data.unlink(missing_ok=True)
+        prefix = "" if source else "empty_"
+        result[prefix + "start_s"] = round(statistics.median(starts), 3)
+        result[prefix + "first_answer_s"] = round(statistics.median(firsts), 3)
+        result[prefix + "rss_mb"] = round(rss, 1)
+    return result
+
+
+def first_poll(server):
+    """A page's first poll (a snapshot), with plain http.client: one request needs no loop."""
+    connection = http.client.HTTPConnection(server.host, server.port, timeout=30)
+    try:
+        connection.request("GET", "/api/poll", headers={
+            "Host": server.host_header, "Cookie": f"sid={secrets.token_urlsafe(24)}"})
+        response = connection.getresponse()
+        response.read()
+        if response.status != 200:
+            raise RuntimeError(f"the first poll answered {response.status}")
+    finally:
+        connection.close()
+
+
+async def sustained(server, posters, listeners, seconds):
+    """`posters` people chat within the rate limits while `listeners` pages listen."""
+    audience = Audience(server, listeners)
+    await audience.connect()
+    people = [Poster(server) for _ in range(posters)]
+    await asyncio.gather(*(person.open() for person in people))
+    accepted, refused = {}, collections.Counter()  # message id -> time the POST was sent
+    round_trips = []
+    try:
+        await audience.settle(quiet_for=PRESENCE_INTERVAL * 1.5)
+        watch = CpuWatch(server.meter).start()
+        began = time.perf_counter()
+
+        async def chat(person, sid):
+            await asyncio.sleep(random.uniform(0, SUSTAINED_POST_INTERVAL))  # spread them out
+            for number in range(int(seconds / SUSTAINED_POST_INTERVAL) + 1):
+                response, sent = await person.post(f"sustained message {number}", sid)
+                if response.status == 201:
+                    accepted[response.json()["message"]["id"]] = sent
+                    round_trips.append(response.received - sent)
+                else:
+                    refused[response.status] += 1
+                next_post = sent + SUSTAINED_POST_INTERVAL
+                if next_post - began >= seconds:
+                    return
+                await asyncio.sleep(max(0.0, next_post - time.perf_counter()))
+
+        await asyncio.gather(*(chat(person, secrets.token_urlsafe(24)) for person in people))
+        posting_s = max(seconds, time.perf_counter() - began)  # the window, or longer if slow
+        expected = sorted(accepted)
+        if expected:
+            await audience.everyone_has(expected[-1], ROUND_TIMEOUT)
+        await audience.settle()
+        latencies = [when - accepted[message_id]
+                     for message_id in expected for when in audience.arrivals[message_id]]
+        return {"posters": posters, "listeners": listeners, "seconds": round(posting_s, 1),
+                "accepted": len(expected), "accepted_per_s": round(len(expected) / posting_s, 2),
+                "refused": dict(refused), "deliveries": len(latencies),
+                "p50_ms": ms(percentile(latencies, 50)), "p99_ms": ms(percentile(latencies, 99)),
+                "post_ms": ms(percentile(round_trips, 50)),
+                **audience.check_deliveries(expected), **watch.stop(),
+                **memory_fields(server.meter), **problems(audience)}
+    finally:
+        for person in people:
+            person.close()
+        await audience.close()
+
+
+async def wait_until(predicate, timeout, interval=0.01):
+    deadline = time.perf_counter() + timeout
+    while not predicate():
+        if time.perf_counter() > deadline:
+            return False
+        await asyncio.sleep(interval)
+    return True
+
+
+def problems(audience):
+    return {"problems": dict(audience.problems)} if audience.problems else {}
+
+
+# ==================================================================================================
+# Running the scenarios, and the report
+# ==================================================================================================
+
+def run_scenarios(args, scratch):
+    """Yield (scenario, result) for each scenario chosen, each on a fresh server if we can."""
+    script = Path(args.chatroom).resolve()
+    counter = iter(range(1_000_000))
+
+    def run(make_coroutine, *options, data=None):
+        """Run one scenario's coroutine against a fresh server (or the one at --url)."""
+        if args.url:
+            room = RunningServer(args.url, args.pid)
+        else:
+            room = LocalServer(script, data or Path(scratch) / f"room-{next(counter)}.db",
+                               *options)
+        with room:
+            result = asyncio.run(make_coroutine(room))
+            for name, value in room.log_summary().items():
+                if name == "problems":
+                    result.setdefault("problems", {}).update(value)
+                else:
+                    result[name] = value
+        return result
+
+    def sizes(text):
+        return [int(size) for size in text.split(",") if size]
+
+    chosen = args.scenarios.split(",")
+    if "single" in chosen:
+        yield "single", run(lambda room: single_delivery(room, args.single_rounds))
+    if "fanout" in chosen:
+        for size in sizes(args.fanout_sizes):
+            yield "fanout", run(lambda room: fan_out(room, size, args.rounds))
+    if "idle" in chosen:
+        for size in sizes(args.idle_sizes):
+            # Polls must not time out inside the window we measure: the server gets 60 s.
+            result = run(lambda room: idle_cost(room, size, args.idle_seconds),
+                         "--poll-timeout", 60)
+            result["note"] = ("server started with --poll-timeout 60" if not args.url
+                              else "the running server's poll time-out is unknown")
+            yield "idle", result
+    if "bytes" in chosen:
+        data = None
+        if not args.url:
+            data = Path(scratch) / "history.db"
+            build_data_file(script, data, args.bytes_history)
+        result = run(lambda room: answer_bytes(room, args.bytes_clients), data=data)
+        result["history"] = "as it is" if args.url else args.bytes_history
+        yield "bytes", result
+    if "crowd" in chosen:
+        yield "crowd", run(lambda room: crowd(room, args.crowd))
+    if "startup" in chosen and not args.url:  # needs servers of our own
+        yield "startup", startup(script, args.startup_messages, scratch)
+    if "sustained" in chosen:
+        yield "sustained", run(lambda room: sustained(room, args.posters, args.listeners,
+                                                       args.sustained_seconds))
+
+
+# What the table shows for each scenario, in order: (metric, label).
+TABLE = {
+    "single": [("p50_ms", "delivery p50 (ms)"), ("p99_ms", "delivery p99 (ms)"),
+               ("post_ms", "POST round trip p50 (ms)"), ("lost", "lost deliveries")],
+    "fanout": [("p50_ms", "per-page latency p50 (ms)"), ("p99_ms", "per-page latency p99 (ms)"),
+               ("first_ms", "first page reached (ms, median)"),
+               ("reach_all_ms", "everyone reached (ms, median)"),
+               ("reach_all_max_ms", "everyone reached (ms, worst)"),
+               ("post_ms", "POST round trip (ms, median)"), ("lost", "lost deliveries"),
+               ("duplicates", "duplicate deliveries"),
+               ("switches_per_delivery", "server context switches / delivery"),
+               ("rss_mb", "server RSS (MB)"), ("threads", "server threads")],
+    "idle": [("cpu_s", "server CPU in window (s)"), ("answers_in_window", "answers in window"),
+             ("rss_mb", "server RSS (MB)"), ("threads", "server threads")],
+    "bytes": [("broadcast_bytes", "answer carrying a message (B)"),
+              ("post_answer_bytes", "201 answer to the POST (B)"),
+              ("snapshot_bytes", "first answer, a snapshot (B)"),
+              ("largest_answer_bytes", "largest answer seen (B)"), ("lost", "lost deliveries")],
+    "crowd": [("connected_s", "all connected, page loaded (s)"),
+              ("first_answers_s", "all had a first answer (s)"),
+              ("all_parked_s", "all parked once (s)"),
+              ("settle_s", "settled: parked and quiet (s)"),
+              ("answers", "poll answers sent"), ("largest_answer_bytes", "largest answer (B)"),
+              ("rss_mb", "server RSS (MB)")],
+    "startup": [("messages", "messages stored"), ("start_s", "start-up, address printed (s)"),
+                ("first_answer_s", "start-up, first poll answered (s)"),
+                ("empty_start_s", "start-up, empty file (s)"), ("rss_mb", "server RSS (MB)")],
+    "sustained": [("accepted_per_s", "messages accepted per second"),
+                  ("accepted", "messages accepted"), ("refused", "posts refused"),
+                  ("p50_ms", "delivery p50 (ms)"), ("p99_ms", "delivery p99 (ms)"),
+                  ("post_ms", "POST round trip p50 (ms)"),
+                  ("pages_complete", "listeners who saw all, once, in order"),
+                  ("lost", "lost deliveries"), ("duplicates", "duplicate deliveries"),
+                  ("out_of_order", "out-of-order deliveries"), ("rss_mb", "server RSS (MB)")],
+}
+
+
+def target_for(scenario, result, metric):
+    for target_scenario, size, target_metric, limit in TARGETS:
+        if target_metric == metric and target_scenario in (None, scenario) \
+                and size in (None, result.get("n")):
+            return limit
+    return None
+
+
+def scenario_label(scenario, result):
+    if scenario in ("fanout", "idle", "crowd", "bytes"):
+        return f"{scenario} N={result['n']}"
+    return scenario
+
+
+def print_table(results, out=sys.stdout):
+    rows = [("scenario", "metric", "value", "target", "")]
+    for scenario, result in results:
+        label = scenario_label(scenario, result)
+        for metric, text in TABLE[scenario]:
+            if metric not in result:
+                continue
+            value = result[metric]
+            limit = target_for(scenario, result, metric)
+            verdict = ""
+            if limit is not None:
+                verdict = "ok" if value is not None and value <= limit else "MISSED"
+            shown = "-" if value is None else str(value) if not isinstance(value, float) \
+                else f"{value:g}"
+            rows.append((label, text, shown, "" if limit is None else f"<= {limit:g}", verdict))
+        cpu = f"{result.get('server_cpu_s', '-')} / {result.get('bench_cpu_s', '-')}"
+        if "bench_cpu_s" in result:
+            rows.append((label, "CPU s: server / benchmark", cpu, "", ""))
+        if result.get("problems"):
+            rows.append((label, "problems", json.dumps(result["problems"]), "", "MISSED"))
+    widths = [max(len(row[column]) for row in rows) for column in range(5)]
+    for index, row in enumerate(rows):
+        print("  ".join(cell.ljust(width) if column < 2 else cell.rjust(width) if column == 2
+                        else cell.ljust(width) for column, (cell, width)
+                        in enumerate(zip(row, widths))).rstrip(), file=out)
+        if index == 0:
+            print("  ".join("-" * width for width in widths), file=out)
+
+
+def parse_arguments(argv):
+    parser = argparse.ArgumentParser(description="Benchmark chatroom.py's long-polling.")
+    parser.add_argument("--chatroom", default=Path(__file__).resolve().parent / "chatroom.py",
+                        help="the chatroom.py to start (default: the one beside this file)")
+    parser.add_argument("--url", help="measure a server that is already running, at this URL")
+    parser.add_argument("--pid", type=int, help="with --url: its process id, for CPU and memory")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS),
+                        help="comma-separated, from: %(default)s")
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+    parser.add_argument("--single-rounds", type=int, default=30)
+    parser.add_argument("--fanout-sizes", default="100,1000,2000", metavar="N,N,...")
+    parser.add_argument("--rounds", type=int, default=10, help="fan-out rounds (default 10)")
+    parser.add_argument("--idle-sizes", default="1000,2000", metavar="N,N,...")
+    parser.add_argument("--idle-seconds", type=float, default=10.0)
+    parser.add_argument("--bytes-clients", type=int, default=2000, metavar="N")
+    parser.add_argument("--bytes-history", type=int, default=10_000, metavar="MESSAGES")
+    parser.add_argument("--crowd", type=int, default=2000, metavar="N")
+    parser.add_argument("--startup-messages", type=int, default=1_000_000)
+    parser.add_argument("--posters", type=int, default=50)
+    parser.add_argument("--listeners", type=int, default=500)
+    parser.add_argument("--sustained-seconds", type=float, default=20.0)
+    args = parser.parse_args(argv)
+    if args.quick:
+        for name, value in QUICK_SIZES.items():
+            if getattr(args, name) == parser.get_default(name):
+                setattr(args, name, value)
+    unknown = set(args.scenarios.split(",")) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    if args.pid and not args.url:
+        parser.error("--pid goes with --url")
+    return args
+
+
+def raise_open_file_limit():
+    """Every simulated page is an open socket; the usual limit of 1024 is too few."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+def main(argv=None):
+    args = parse_arguments(argv)
+    raise_open_file_limit()
+    target = args.url or Path(args.chatroom).resolve()
+    progress(f"benchmarking {target} with Python {sys.version.split()[0]} "
+             f"on {os.cpu_count()} CPUs")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="chatroom-bench-") as scratch:
+        for scenario, result in run_scenarios(args, scratch):
+            progress(f"  {scenario}: {json.dumps(result)}")
+            results.append((scenario, result))
+    print(f"\nchatroom: {target}")
+    print_table(results)
+    print()
+    for scenario, result in results:
+        print(json.dumps({"scenario": scenario, **result}))
+    missed = [1 for scenario, result in results for metric, _ in TABLE[scenario]
+              if target_for(scenario, result, metric) is not None and metric in result
+              and (result[metric] is None or result[metric] > target_for(scenario, result, metric))]
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
