@@ -69,9 +69,9 @@ from urllib.parse import parse_qs
 # Serving.
 DEFAULT_HOST = "127.0.0.1"  # this machine only; --host 0.0.0.0 lets others on the network join
 DEFAULT_PORT = 8000
-LISTEN_BACKLOG = 4096  # connections the kernel holds for us before accept(): the stdlib's 5
-#                        refuses a crowd, and 1024 dropped part of a crowd of 2000, who came back
-#                        1 s later (Linux caps it at net.core.somaxconn: 4096 since 5.4, 128 before)
+LISTEN_BACKLOG = 4096  # connections the kernel queues for us until accept(): a crowd arriving at
+#                        once must wait in this queue, not be refused (the stdlib's default is 5;
+#                        Linux caps the number at net.core.somaxconn, 4096 on recent kernels)
 DEFAULT_MAX_CLIENTS = 2500  # open connections (one thread each); past it newcomers get a quick 503
 DEFAULT_REQUEST_TIMEOUT = 10  # seconds from the end of one answer until the next request has fully
 #                               arrived: a client that stalls, or sends a byte at a time, is dropped
@@ -80,15 +80,15 @@ REFUSAL_LINGER = 2.0  # seconds a refused connection stays open so the client ca
 MAX_LINGERING = 256  # refused connections kept open at once for that; past it they close at once
 
 # Long-polling.
-DEFAULT_POLL_TIMEOUT = 25  # seconds a poll stays parked; well under the ~60 s after which proxies and
-#                            home routers cut a connection that carries no data
-MAX_POLL_TIMEOUT = 60
-MAX_PARKED_PER_USER = 6  # a browser opens at most 6 connections to one host, so only scripts exceed this
+DEFAULT_POLL_TIMEOUT = 25  # seconds a poll stays parked; well under the ~60 s after which proxies
+#                            and home routers cut a connection that carries no data
+MAX_POLL_TIMEOUT = 60  # the longest a client may ask for, for the same reason
+MAX_PARKED_PER_USER = 6  # a browser opens at most 6 connections to one host: only scripts exceed it
 MAX_CACHED_ANSWERS = 8  # encoded answers kept per version (one per `since` asked about): a thousand
 #                        woken polls ask for the same one, and a script asking for every `since`
 #                        must not make us keep a megabyte-sized answer for each
-PRESENCE_INTERVAL = 1.0  # seconds between presence checks, so arrivals and departures wake parked polls
-#                          at most once a second however many people come and go
+PRESENCE_INTERVAL = 1.0  # seconds between presence checks, so arrivals and departures wake the
+#                          parked polls at most once a second, however many people come and go
 DEFAULT_ONLINE_WINDOW = 30  # seconds after their last poll that someone still counts as online
 MAX_ONLINE = 1000  # people in the online list: every answer that carries the list carries them all,
 #                    and anyone can make up a cookie. Past this, newcomers are served but not listed
@@ -106,8 +106,8 @@ REQUEST_BUFFER = 2048  # bytes read ahead on each connection
 
 # Rate limits: at most COUNT messages in any SECONDS, for each (COUNT, SECONDS) pair.
 RATE_LIMITS = [(2, 3), (3, 10), (8, 60), (50, 600)]
-FORGET_POSTS_EVERY = 1000  # posts between two clean-ups of the limiter's memory: each clean-up
-#                            looks at every recent poster, so doing it on every post would not do
+FORGET_POSTS_EVERY = 1000  # attempts to post between two clean-ups of the limiter's memory: a
+#                            clean-up looks at every recent poster, too slow to do on every post
 
 # Identity.
 SESSION_COOKIE = "sid"
@@ -158,25 +158,31 @@ class Room:
 
     # --- Waiting and waking ----------------------------------------------------------------------
 
-    def wait_for_change(self, since, timeout, poll):
+    def wait_for_change(self, since, timeout, parked):
         """Park the calling thread until the room is newer than `since`, or `timeout` seconds pass.
 
-        Also returns early when the room is closing, or when `poll` is released because its user
-        opened too many polls. The caller answers in every case; a time-out just means "no news".
+        This is where a long-poll waits. Also returns early when the room is closing, or when
+        `parked` (this poll's ParkedPoll) is released because its user opened too many polls.
+        The caller answers in every case; a time-out just means "no news".
         """
         deadline = time.monotonic() + timeout
         waited = False
         with self._changed:
-            while self.version <= since and not self.closing and not poll.released:
+            while self.version <= since and not self.closing and not parked.released:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 waited = True
-                self._changed.wait(remaining)
+                self._changed.wait(remaining)  # lets go of the lock while it waits
             if waited and self.version > since:
-                # Wake the next parked poll, which wakes the one after it, and so on: a relay.
-                # notify_all() would wake a thousand threads at once to fight over this lock and
-                # the GIL, and the thread that posted the message would wait behind all of them.
+                # A relay: _publish() woke one parked poll, and each woken poll wakes the next.
+                # (notify_all() would wake a thousand threads at once, to fight over this lock
+                # and the GIL while the thread that posted the message waits behind them all.)
+                # Only a poll that waited passes the wake-up on; one that answered at once used
+                # none up. CPython's Condition wakes the longest waiter first, so polls that
+                # park again with the new version queue behind those still to be woken. Were
+                # the order ever different, a poll missed by the relay would still answer at its
+                # time-out, with everything it missed: later, never lost.
                 self._changed.notify()
 
     def _publish(self, version, online=None):
@@ -187,7 +193,7 @@ class Room:
                 self.online = online
                 self.online_version = version
             self._answers = {}
-            self._changed.notify()
+            self._changed.notify()  # the first leg of the relay (see wait_for_change)
 
     def close(self):
         """Wake every parked poll so that it answers, and refuse to park new ones."""
@@ -203,25 +209,25 @@ class Room:
         `since` is None for a page that has nothing yet; it gets a snapshot. A `since` newer than
         the room means the page knew a room that is gone (say, the data file was replaced): it
         gets a snapshot too, at once, instead of waiting for a version that may never come.
-        `present` says whether this poll makes `user` count as online.
-        Returns the answer's JSON body as bytes.
+        `present` is False for a client that sent no cookie: it is answered, but not counted as
+        online (see ChatHandler.get_poll). Returns the answer's JSON body as bytes.
         """
         if present:
             self.presence.touch(user)
         if since is not None and since <= self.version and not self.closing:
-            poll = ParkedPoll(user, connection)
+            parked = ParkedPoll(user, connection)  # defined in section 3, with Presence
             if present:
-                self._park(poll)
+                self._park(parked)
             try:
-                self.wait_for_change(since, timeout, poll)
+                self.wait_for_change(since, timeout, parked)
             finally:
                 if present:
-                    self.presence.unpark(poll)
+                    self.presence.unpark(parked)
         return self.answer(since, user)
 
-    def _park(self, poll):
+    def _park(self, parked):
         """Register a parked poll; if its user now has too many, release their oldest one."""
-        oldest = self.presence.park(poll)
+        oldest = self.presence.park(parked)
         if oldest is not None:
             with self._changed:
                 oldest.released = True
@@ -246,6 +252,8 @@ class Room:
             with self._changed:
                 if self.version == version and len(self._answers) < MAX_CACHED_ANSWERS:
                     self._answers[key] = shared
+        # `shared` is an encoded JSON object, b'{...}': replace its closing brace with this
+        # reader's own "you" field, and close it again.
         return shared[:-1] + b',"you":' + encode_json(user.public()) + b"}"
 
     def _encode_answer(self, since, version, snapshot, online):
@@ -287,10 +295,12 @@ class Room:
     def refresh_presence(self):
         """Announce the online list if it changed. Called once a second by a background thread."""
         online = self.presence.online_list()
-        if online is self.online or online == self.online:
+        if online is self.online or online == self.online:  # `is`: usually the same kept list
             return
         with self._write_lock:
             version = self.version + 1
+            # Saved although nothing but the version is: versions must keep growing across a
+            # restart, or a page that saw this one would take the restarted room for a new one.
             self.storage.save_version(version)
             self._publish(version, online=online)
 
@@ -316,12 +326,10 @@ class Presence:
     when the browser closes it, the socket becomes readable with nothing to read, and the poll
     parked on it stops counting.
 
-    Two locks, and no system call while holding _lock in park() and unpark(). A system call lets
-    go of the GIL, and a thread that makes one while holding a lock must get the GIL back before
-    it can let go of the lock: meanwhile every other poll queues on the lock. When park()
-    registered each poll's socket under _lock, polls spent more time in that queue than on
-    their own work (bench_chatroom.py, fan-out and crowd). So the selector has a lock of its
-    own, taken when a connection opens, when it closes, and once a second by online_list().
+    The selector has a lock of its own, because park() and unpark() run for every poll and must
+    make no system call while they hold _lock: a system call lets go of the GIL, and every other
+    poll would queue on _lock until this thread got the GIL back (measured with bench_chatroom.py:
+    twice as fast a fan-out without it).
     """
 
     def __init__(self, window):
@@ -712,54 +720,13 @@ class RequestError(Exception):
         self.headers = list(headers)
 
 
-class RequestReader(io.RawIOBase):
-    """The socket as http.server reads it, with one deadline for the whole request.
-
-    A socket time-out limits each wait for data, so on its own it lets a client that sends one
-    byte every few seconds hold a thread for ever (the "slowloris" attack). Here each read may
-    wait only for the time left until the deadline, which is set again before every request.
-    """
-
-    def __init__(self, connection, seconds):
-        self.connection = connection
-        self.seconds = seconds
-        self.start_deadline()
-
-    def readable(self):
-        return True
-
-    def start_deadline(self):
-        self.deadline = time.monotonic() + self.seconds
-
-    def readinto(self, buffer):
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("the request did not arrive in time")
-        self.connection.settimeout(remaining)
-        try:
-            return self.connection.recv_into(buffer)
-        finally:
-            self.connection.settimeout(self.seconds)  # writing an answer keeps the usual time-out
-
-
-class Headers(dict):
-    """A request's headers, by lower-cased name; get() and `in` ignore case, as HTTP does."""
-
-    def get(self, name, default=None):
-        return super().get(name.lower(), default)
-
-    def __contains__(self, name):
-        return super().__contains__(name.lower())
-
-    def __getitem__(self, name):
-        return super().__getitem__(name.lower())
-
-
 class ChatHandler(http.server.BaseHTTPRequestHandler):
     """Serves one connection: reads each request, calls the room, writes one answer per request.
 
-    http.server parses the request line and headers and calls do_GET, do_POST, ...; they all go
-    to dispatch(), which looks the path up in ROUTES (at the end of this section).
+    http.server runs one of these per connection, in its own thread. For each request it reads
+    the request line and the headers (with our parse_request, at the end of this class), then
+    calls do_GET, do_POST, ...: they all go to dispatch(), which looks the path and method up in
+    ROUTES (at the end of this section) and calls the handler method it names.
     """
 
     protocol_version = "HTTP/1.1"  # keep-alive: a page's next poll reuses the same connection
@@ -782,55 +749,10 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         self.server.room.presence.forget_connection(self.connection)
         super().finish()
 
-    def handle_one_request(self):
-        self.request_reader.start_deadline()  # the next request must have arrived in time
-        super().handle_one_request()
-
-    def parse_request(self):
-        """Read the request line and the headers. False if refused (and already answered).
-
-        This replaces http.server's parse_request, which hands the header lines to the email
-        package: a parser made for mail (folded lines, MIME parts) that costs six times what
-        the loop below does, and was the largest single cost of a poll (bench_chatroom.py,
-        fan-out). An HTTP header is one "Name: value" line; an empty line ends them.
-        """
-        self.command, self.request_version = None, "HTTP/0.9"
-        self.close_connection = True
-        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
-        words = self.requestline.split()
-        if len(words) != 3 or not words[2].startswith("HTTP/"):
-            self.send_error(400, "The request line is not METHOD PATH HTTP/1.1.")
-            return False
-        if words[2] not in ("HTTP/1.0", "HTTP/1.1"):
-            self.send_error(505, "Only HTTP/1.0 and HTTP/1.1 are spoken here.")
-            return False
-        self.command, self.path, self.request_version = words
-        self.headers = Headers()
-        for _ in range(MAX_HEADERS):
-            line = self.rfile.readline(MAX_HEADER_LINE + 1)
-            if line in (b"\r\n", b"\n", b""):
-                break
-            if len(line) > MAX_HEADER_LINE:
-                self.send_error(431, "A header line is too long.")
-                return False
-            name, colon, value = line.decode("iso-8859-1").partition(":")
-            if not colon or not name or name != name.strip():  # also refuses folded lines
-                self.send_error(400, "A header line is not Name: value.")
-                return False
-            self.headers.setdefault(name.lower(), value.strip())  # the first one counts
-        else:
-            self.send_error(431, f"A request may have at most {MAX_HEADERS} header lines.")
-            return False
-        connection = self.headers.get("Connection", "").lower()
-        keep_alive = self.request_version == "HTTP/1.1" or connection == "keep-alive"
-        self.close_connection = connection == "close" or not keep_alive
-        if self.headers.get("Expect", "").lower() == "100-continue":
-            return self.handle_expect_100()  # curl asks this before sending a larger body
-        return True
-
     def do_GET(self):
         self.dispatch()
 
+    # Every method goes to dispatch(): it answers 405 to a method that a path does not take.
     do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET
 
     def dispatch(self):
@@ -872,13 +794,13 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
 
     # --- The routes ------------------------------------------------------------------------------
 
-    def serve_page(self, query):
+    def get_page(self, query):
         self.send(200, self.server.page, "text/html; charset=utf-8", [("Cache-Control", "no-cache")])
 
-    def serve_chime(self, query):
+    def get_chime(self, query):
         self.send(200, self.server.chime, "audio/wav", [("Cache-Control", "max-age=86400")])
 
-    def poll(self, query):
+    def get_poll(self, query):
         params = parse_qs(query)
         since = parse_number(params, "since", integer=True)
         timeout = parse_number(params, "timeout")
@@ -920,7 +842,7 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
                                headers=[("Retry-After", "1")]) from error
         self.send_json(201, {"message": message})
 
-    def rename(self, query):
+    def post_name(self, query):
         self.check_origin()
         user = self.required_user()
         name = self.read_json_field("name")
@@ -1031,7 +953,7 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         if not any(name == "Cache-Control" for name, _ in headers):
             lines.append("Cache-Control: no-store")  # API answers are never reused from a cache
         lines += [f"{name}: {value}" for name, value in headers]
-        if getattr(self, "new_sid", None):
+        if self.new_sid:
             lines.append(f"Set-Cookie: {SESSION_COOKIE}={self.new_sid}; Max-Age={SESSION_MAX_AGE}; "
                          "Path=/; HttpOnly; SameSite=Strict")
             self.new_sid = None
@@ -1048,6 +970,54 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         """http.server calls this for requests it cannot parse; answer in JSON like the rest."""
         self.close_connection = True
         self.send_json(code, {"error": message or explain or http.HTTPStatus(code).phrase})
+
+    # --- Reading requests safely -------------------------------------------------------------------
+
+    def handle_one_request(self):
+        self.request_reader.start_deadline()  # the next request must have arrived in time
+        super().handle_one_request()
+
+    def parse_request(self):
+        """Read the request line and the headers. False if refused (and already answered).
+
+        This replaces http.server's parse_request, which hands the header lines to the email
+        package: a parser made for mail (folded lines, MIME parts) that costs six times what
+        the loop below does, and was the largest single cost of a poll (bench_chatroom.py,
+        fan-out). An HTTP header is one "Name: value" line; an empty line ends them.
+        """
+        self.command, self.request_version = None, "HTTP/0.9"
+        self.close_connection = True
+        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        words = self.requestline.split()
+        if len(words) != 3 or not words[2].startswith("HTTP/"):
+            self.send_error(400, "The request line is not METHOD PATH HTTP/1.1.")
+            return False
+        if words[2] not in ("HTTP/1.0", "HTTP/1.1"):
+            self.send_error(505, "Only HTTP/1.0 and HTTP/1.1 are spoken here.")
+            return False
+        self.command, self.path, self.request_version = words
+        self.headers = Headers()
+        for _ in range(MAX_HEADERS):
+            line = self.rfile.readline(MAX_HEADER_LINE + 1)
+            if line in (b"\r\n", b"\n", b""):
+                break
+            if len(line) > MAX_HEADER_LINE:
+                self.send_error(431, "A header line is too long.")
+                return False
+            name, colon, value = line.decode("iso-8859-1").partition(":")
+            if not colon or not name or name != name.strip():  # also refuses folded lines
+                self.send_error(400, "A header line is not Name: value.")
+                return False
+            self.headers.setdefault(name.lower(), value.strip())  # the first one counts
+        else:
+            self.send_error(431, f"A request may have at most {MAX_HEADERS} header lines.")
+            return False
+        connection = self.headers.get("Connection", "").lower()
+        keep_alive = self.request_version == "HTTP/1.1" or connection == "keep-alive"
+        self.close_connection = connection == "close" or not keep_alive
+        if self.headers.get("Expect", "").lower() == "100-continue":
+            return self.handle_expect_100()  # curl asks this before sending a larger body
+        return True
 
 
 def check_text(value, what, max_length):
@@ -1084,13 +1054,56 @@ def cookie_value(header, name):
     return None
 
 
+class RequestReader(io.RawIOBase):
+    """The socket as http.server reads it, with one deadline for the whole request.
+
+    A socket time-out limits each wait for data, so on its own it lets a client that sends one
+    byte every few seconds hold a thread for ever (the "slowloris" attack). Here each read may
+    wait only for the time left until the deadline, which is set again before every request.
+    """
+
+    def __init__(self, connection, seconds):
+        self.connection = connection
+        self.seconds = seconds
+        self.start_deadline()
+
+    def readable(self):
+        return True
+
+    def start_deadline(self):
+        self.deadline = time.monotonic() + self.seconds
+
+    def readinto(self, buffer):
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("the request did not arrive in time")
+        self.connection.settimeout(remaining)
+        try:
+            return self.connection.recv_into(buffer)
+        finally:
+            self.connection.settimeout(self.seconds)  # writing an answer keeps the usual time-out
+
+
+class Headers(dict):
+    """A request's headers, by lower-cased name; get() and `in` ignore case, as HTTP does."""
+
+    def get(self, name, default=None):
+        return super().get(name.lower(), default)
+
+    def __contains__(self, name):
+        return super().__contains__(name.lower())
+
+    def __getitem__(self, name):
+        return super().__getitem__(name.lower())
+
+
 # What answers what: path -> {method: handler}. Nothing else is ever served.
 ROUTES = {
-    "/": {"GET": ChatHandler.serve_page},
-    "/chime.wav": {"GET": ChatHandler.serve_chime},
-    "/api/poll": {"GET": ChatHandler.poll},
+    "/": {"GET": ChatHandler.get_page},
+    "/chime.wav": {"GET": ChatHandler.get_chime},
+    "/api/poll": {"GET": ChatHandler.get_poll},
     "/api/messages": {"POST": ChatHandler.post_message},
-    "/api/name": {"POST": ChatHandler.rename},
+    "/api/name": {"POST": ChatHandler.post_name},
 }
 
 
