@@ -752,6 +752,17 @@ def progress(text):
 # The scenarios: each returns a dict of results (one JSON line, and rows of the table)
 # ==================================================================================================
 
+async def post_one(poster, audience, text, posted):
+    """Post `text`; return (message id, response, time sent) and note the id, or None if refused."""
+    response, sent = await poster.post(text)
+    if response.status != 201:
+        audience.problems[f"POST answered {response.status}"] += 1
+        return None
+    message_id = response.json()["message"]["id"]
+    posted.append(message_id)
+    return message_id, response, sent
+
+
 async def single_delivery(server, rounds):
     """One parked page; a new person posts; time from POST to the page having the message."""
     audience = Audience(server, 1)
@@ -765,12 +776,10 @@ async def single_delivery(server, rounds):
         for number in range(rounds + 1):  # round 0 is a warm-up
             if number == 1:
                 watch = CpuWatch(server.meter).start()
-            response, sent = await poster.post(f"single delivery, round {number}")
-            if response.status != 201:
-                audience.problems[f"POST answered {response.status}"] += 1
+            accepted = await post_one(poster, audience, f"single delivery, round {number}", posted)
+            if accepted is None:
                 continue
-            message_id = response.json()["message"]["id"]
-            posted.append(message_id)
+            message_id, response, sent = accepted
             if await audience.everyone_has(message_id) and number > 0:
                 latencies.append(audience.arrivals[message_id][0] - sent)
                 round_trips.append(response.received - sent)
@@ -801,12 +810,10 @@ async def fan_out(server, size, rounds):
             if number == 1:
                 switches = server.meter.context_switches() if server.meter else None
                 watch = CpuWatch(server.meter).start()
-            response, sent = await poster.post(f"fan-out to {size}, round {number}")
-            if response.status != 201:
-                audience.problems[f"POST answered {response.status}"] += 1
+            accepted = await post_one(poster, audience, f"fan-out to {size}, round {number}", posted)
+            if accepted is None:
                 continue
-            message_id = response.json()["message"]["id"]
-            posted.append(message_id)
+            message_id, response, sent = accepted
             await audience.everyone_has(message_id)
             if number > 0:
                 times = [when - sent for when in audience.arrivals[message_id]]
