@@ -710,6 +710,11 @@ def encode_json(value):
 # 7. The HTTP handler
 # ==================================================================================================
 
+# What a read or a write raises when the client hung up or stalled. (socket.timeout is the same as
+# TimeoutError from Python 3.10 on; before, it is another class, so both are named.)
+CLIENT_WENT_AWAY = (ConnectionError, TimeoutError, socket.timeout)
+
+
 class RequestError(Exception):
     """A request we refuse: becomes a JSON answer {"error": message, ...} with this status."""
 
@@ -781,8 +786,8 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
                 self.send_json(503, {"error": "The server could not save or read the room's data. "
                                               "Please try again in a moment."},
                                [("Retry-After", "1")])
-            except (ConnectionError, TimeoutError):
-                raise  # the client went away: one line in the log (ChatServer.handle_error)
+            except CLIENT_WENT_AWAY:
+                raise  # one line in the log (ChatServer.handle_error)
             except Exception:
                 # Through log(), not log_message(), which would flatten the traceback onto one
                 # line; the request line is repr()'d so that it cannot forge lines of its own.
@@ -1214,7 +1219,7 @@ class ChatServer(http.server.ThreadingHTTPServer):
     def handle_error(self, request, client_address):
         """A client that hangs up or stalls is normal: one line. Anything else: a traceback."""
         error = sys.exc_info()[1]
-        if isinstance(error, (ConnectionError, TimeoutError)):
+        if isinstance(error, CLIENT_WENT_AWAY):
             log(f"{client_address[0]}: connection dropped ({type(error).__name__})")
         else:
             super().handle_error(request, client_address)
