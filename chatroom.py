@@ -800,12 +800,15 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
     # --- The routes ------------------------------------------------------------------------------
 
     def get_page(self, query):
+        """GET /: the page, index.html."""
         self.send(200, self.server.page, "text/html; charset=utf-8", [("Cache-Control", "no-cache")])
 
     def get_chime(self, query):
+        """GET /chime.wav: the sound the page plays for someone else's message."""
         self.send(200, self.server.chime, "audio/wav", [("Cache-Control", "max-age=86400")])
 
     def get_poll(self, query):
+        """GET /api/poll?since=V&timeout=S: the long-poll. The waiting happens in Room.poll."""
         params = parse_qs(query)
         since = parse_number(params, "since", integer=True)
         timeout = parse_number(params, "timeout")
@@ -823,6 +826,7 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         self.send(200, body, "application/json")
 
     def post_message(self, query):
+        """POST /api/messages {"text": ...}: check, rate-limit, save and announce a message."""
         self.check_origin()
         user = self.required_user()
         text = self.read_json_field("text")
@@ -848,6 +852,7 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         self.send_json(201, {"message": message})
 
     def post_name(self, query):
+        """POST /api/name {"name": ...}: change the name shown with your messages."""
         self.check_origin()
         user = self.required_user()
         name = self.read_json_field("name")
