@@ -214,6 +214,8 @@ class Room:
         """
         if present:
             self.presence.touch(user)
+        # A page that is behind (since < version) goes through here too: wait_for_change() then
+        # returns at once. Only a page that is up to date (since == version) really waits.
         if since is not None and since <= self.version and not self.closing:
             parked = ParkedPoll(user, connection)  # defined in section 3, with Presence
             if present:
