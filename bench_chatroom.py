@@ -55,6 +55,7 @@ The machine is shared and noisy: run twice and trust what both runs agree on.
 import argparse
 import asyncio
 import collections
+import contextlib
 import hashlib
 import http.client
 import json
@@ -655,9 +656,10 @@ class Audience:
             self.server.check_alive()
             now = time.perf_counter()
             if self.parked_count() == self.alive_count() and now - self.last_answer >= quiet_for:
-                if await server_is_quiet(self.server.meter):
-                    if self.parked_count() == self.alive_count():
-                        return True
+                # Check again after waiting for quiet: a page may have been answered meanwhile.
+                if await server_is_quiet(self.server.meter) and (
+                        self.parked_count() == self.alive_count()):
+                    return True
             await asyncio.sleep(0.02)
         return False
 
@@ -752,6 +754,22 @@ def progress(text):
 # The scenarios: each returns a dict of results (one JSON line, and rows of the table)
 # ==================================================================================================
 
+@contextlib.asynccontextmanager
+async def parked_audience(server, size):
+    """`size` pages with a poll parked and a poster ready, once the room is quiet; closed after."""
+    audience = Audience(server, size)
+    poster = Poster(server)
+    await poster.open()
+    await audience.connect()
+    try:
+        # Long enough for the presence announcement of the pages' arrival to come and go.
+        await audience.settle(quiet_for=PRESENCE_INTERVAL * 1.5)
+        yield audience, poster
+    finally:
+        poster.close()
+        await audience.close()
+
+
 async def post_one(poster, audience, text, posted):
     """Post `text`; return (message id, response, time sent) and note the id, or None if refused."""
     response, sent = await poster.post(text)
@@ -765,12 +783,7 @@ async def post_one(poster, audience, text, posted):
 
 async def single_delivery(server, rounds):
     """One parked page; a new person posts; time from POST to the page having the message."""
-    audience = Audience(server, 1)
-    poster = Poster(server)
-    await poster.open()
-    await audience.connect()
-    try:
-        await audience.settle(quiet_for=PRESENCE_INTERVAL * 1.5)
+    async with parked_audience(server, 1) as (audience, poster):
         latencies, round_trips, posted = [], [], []
         watch = None
         for number in range(rounds + 1):  # round 0 is a warm-up
@@ -791,19 +804,11 @@ async def single_delivery(server, rounds):
                 "post_ms": ms(percentile(round_trips, 50)),
                 **audience.check_deliveries(posted), **cpu,
                 **memory_fields(server.meter), **problems(audience)}
-    finally:
-        poster.close()
-        await audience.close()
 
 
 async def fan_out(server, size, rounds):
     """N parked pages; each round a new person posts one message; how fast does it reach all?"""
-    audience = Audience(server, size)
-    poster = Poster(server)
-    await poster.open()
-    await audience.connect()
-    try:
-        await audience.settle(quiet_for=PRESENCE_INTERVAL * 1.5)
+    async with parked_audience(server, size) as (audience, poster):
         latencies, reach_all, first, round_trips, posted = [], [], [], [], []
         watch = switches = None
         for number in range(rounds + 1):  # round 0 is a warm-up
@@ -836,9 +841,6 @@ async def fan_out(server, size, rounds):
                 "switches_per_delivery": switches,
                 **audience.check_deliveries(posted), **cpu, **memory_fields(server.meter),
                 **problems(audience)}
-    finally:
-        poster.close()
-        await audience.close()
 
 
 async def idle_cost(server, size, seconds):
@@ -865,12 +867,7 @@ async def idle_cost(server, size, seconds):
 
 async def answer_bytes(server, size):
     """The size of the answer that carries one new message to a parked page."""
-    audience = Audience(server, size)
-    poster = Poster(server)
-    await poster.open()
-    await audience.connect()
-    try:
-        await audience.settle(quiet_for=PRESENCE_INTERVAL * 1.5)
+    async with parked_audience(server, size) as (audience, poster):
         watch = CpuWatch(server.meter).start()
         response, sent = await poster.post("How big is the answer that brings me to you?")
         message_id = response.json()["message"]["id"]
@@ -881,9 +878,6 @@ async def answer_bytes(server, size):
                 "largest_answer_bytes": audience.largest_answer,
                 "lost": 0 if delivered else size - len(audience.arrivals[message_id]),
                 **watch.stop(), **memory_fields(server.meter), **problems(audience)}
-    finally:
-        poster.close()
-        await audience.close()
 
 
 async def crowd(server, size):

@@ -449,11 +449,13 @@ class Presence:
 
 
 def peer_has_closed(connection):
-    """True if the other end closed a socket that select() reported readable."""
+    """True if the other end closed a socket that select() reported readable.
+
+    Readable means there is data or the end of the stream, so this peek returns at once: an
+    empty peek is the end. (A reset connection raises instead, and is closed too.)
+    """
     try:
         return connection.recv(1, socket.MSG_PEEK) == b""
-    except BlockingIOError:
-        return False
     except OSError:
         return True
 
@@ -933,8 +935,9 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         digits = length.lstrip("0") or "0"  # int() refuses thousands of digits, so count them first
         if len(digits) > len(str(MAX_BODY_BYTES)) or int(digits) > MAX_BODY_BYTES:
             raise RequestError(413, f"The body is larger than {MAX_BODY_BYTES} bytes.")
-        body = self.rfile.read(int(digits))
-        if len(body) < int(digits):
+        size = int(digits)
+        body = self.rfile.read(size)
+        if len(body) < size:
             raise ConnectionError("the client closed the connection in the middle of its body")
         self.body_pending = False
         content_type = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
@@ -1048,13 +1051,14 @@ def parse_number(params, name, integer=False):
     if name not in params:
         return None
     text = params[name][-1]
+    refusal = RequestError(400, f"{name} must be a non-negative "
+                                f"{'whole number' if integer else 'number'}.")
     try:
         value = int(text) if integer else float(text)
     except ValueError:
-        raise RequestError(400, f"{name} must be a non-negative "
-                                f"{'whole number' if integer else 'number'}.") from None
+        raise refusal from None
     if not value >= 0:  # also refuses NaN
-        raise RequestError(400, f"{name} must be a non-negative number.")
+        raise refusal
     return value
 
 
@@ -1130,7 +1134,7 @@ class ChatServer(http.server.ThreadingHTTPServer):
     request_queue_size = LISTEN_BACKLOG
 
     def __init__(self, address, room, sessions, limiter, page, chime, poll_timeout, max_clients,
-                 request_timeout=DEFAULT_REQUEST_TIMEOUT):
+                 request_timeout):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.room = room
         self.sessions = sessions
