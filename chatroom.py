@@ -39,6 +39,7 @@ How this file is organised
 8. The server and main().
 """
 
+import _thread
 import argparse
 import base64
 import collections
@@ -55,6 +56,7 @@ import selectors
 import signal
 import socket
 import sqlite3
+import struct
 import sys
 import threading
 import time
@@ -715,8 +717,9 @@ def encode_json(value):
 # ==================================================================================================
 
 # What a read or a write raises when the client hung up or stalled. (socket.timeout is the same as
-# TimeoutError from Python 3.10 on; before, it is another class, so both are named.)
-CLIENT_WENT_AWAY = (ConnectionError, TimeoutError, socket.timeout)
+# TimeoutError from Python 3.10 on; before, it is another class, so both are named. A write that
+# the kernel timed out raises BlockingIOError: see set_time_outs.)
+CLIENT_WENT_AWAY = (ConnectionError, TimeoutError, socket.timeout, BlockingIOError)
 
 
 class RequestError(Exception):
@@ -741,13 +744,13 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: a page's next poll reuses the same connection
 
     def setup(self):
-        self.timeout = self.server.request_timeout  # super().setup() puts it on the socket
         super().setup()
+        set_time_outs(self.connection, self.server.request_timeout)
         # Send each answer the moment it is written. Without this, Nagle's algorithm may hold
         # a small answer back for up to 40 ms waiting for an acknowledgement from the client.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.rfile.close()  # read through RequestReader instead, for its deadline
-        self.request_reader = RequestReader(self.connection, self.timeout)
+        self.request_reader = RequestReader(self.connection, self.server.request_timeout)
         # 2 KB holds a browser's request; the usual 8 KB stays mostly empty, on every connection.
         self.rfile = io.BufferedReader(self.request_reader, REQUEST_BUFFER)
         self.new_sid = None
@@ -1073,9 +1076,14 @@ def cookie_value(header, name):
 class RequestReader(io.RawIOBase):
     """The socket as http.server reads it, with one deadline for the whole request.
 
-    A socket time-out limits each wait for data, so on its own it lets a client that sends one
-    byte every few seconds hold a thread for ever (the "slowloris" attack). Here each read may
-    wait only for the time left until the deadline, which is set again before every request.
+    The socket's time-out (set_time_outs) limits each wait for data, so on its own it lets a
+    client that sends one byte every few seconds hold a thread for ever (the "slowloris" attack).
+    Here a read is refused once the deadline has passed; it is set again before every request.
+    Such a client is dropped at most one socket time-out after its deadline.
+
+    Each read could instead wait only for the time left (socket.settimeout() before every
+    read): exact, but each settimeout() is a system call, and system calls are what cost most
+    when a crowd arrives (see set_time_outs).
     """
 
     def __init__(self, connection, seconds):
@@ -1090,14 +1098,34 @@ class RequestReader(io.RawIOBase):
         self.deadline = time.monotonic() + self.seconds
 
     def readinto(self, buffer):
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
+        if time.monotonic() > self.deadline:
             raise TimeoutError("the request did not arrive in time")
-        self.connection.settimeout(remaining)
         try:
             return self.connection.recv_into(buffer)
-        finally:
-            self.connection.settimeout(self.seconds)  # writing an answer keeps the usual time-out
+        except BlockingIOError:  # how a read that the kernel timed out ends (set_time_outs)
+            raise TimeoutError("the client sent nothing for too long") from None
+
+
+def set_time_outs(connection, seconds):
+    """Make each read and each write on the socket give up after `seconds` of waiting.
+
+    socket.settimeout(seconds) would do it, but then Python calls poll() before every recv()
+    and send(), to wait with a time-out: two system calls instead of one. A thread lets go of
+    the GIL for each system call, and when hundreds of threads are queueing for the GIL, every
+    let-go wakes another one: this, not Python code, is where the server's time went when a
+    crowd arrived (bench_chatroom.py, crowd: perf shows half of it in futex, the system call
+    under the GIL). So we leave the socket blocking and ask the kernel to time out the calls
+    themselves (SO_RCVTIMEO, SO_SNDTIMEO, which take a C struct timeval). A call that timed
+    out raises BlockingIOError. Windows takes these options in another format: there we use
+    settimeout().
+    """
+    if sys.platform == "win32":
+        connection.settimeout(seconds)
+        return
+    whole_seconds = int(seconds)
+    timeval = struct.pack("@ll", whole_seconds, int((seconds - whole_seconds) * 1_000_000))
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
 
 class Headers(dict):
@@ -1130,7 +1158,6 @@ ROUTES = {
 class ChatServer(http.server.ThreadingHTTPServer):
     """ThreadingHTTPServer with a cap on open connections, and the room's shared objects."""
 
-    daemon_threads = True  # a thread stuck on a dead client must not keep the process alive
     request_queue_size = LISTEN_BACKLOG
 
     def __init__(self, address, room, sessions, limiter, page, chime, poll_timeout, max_clients,
@@ -1162,7 +1189,7 @@ class ChatServer(http.server.ThreadingHTTPServer):
             self.refuse(request)
             return
         try:
-            super().process_request(request, client_address)
+            start_thread(self.process_request_thread, request, client_address)
         except RuntimeError:  # the system would not start another thread
             self._connection_closed()
             self.refuse(request)
@@ -1234,6 +1261,20 @@ class ChatServer(http.server.ThreadingHTTPServer):
             log(f"{client_address[0]}: connection dropped ({type(error).__name__})")
         else:
             super().handle_error(request, client_address)
+
+
+def start_thread(function, *arguments):
+    """Run function(*arguments) in a new thread, and return at once.
+
+    ThreadingHTTPServer would start a threading.Thread, whose start() waits until the new thread
+    is running. That costs two turns at the GIL: one for the new thread to say it started, one
+    for the accepting thread to get the GIL back. When a crowd arrives, hundreds of threads are
+    queueing for the GIL, so each turn is a long wait: the accepting thread took in only ~700
+    connections a second, and 2000 newcomers all had the page after 2.9 s; without the wait,
+    after 1.6 s (bench_chatroom.py, crowd). _thread, the module threading is built on, starts
+    a thread without waiting. Like a daemon thread, it does not hold up the exit of the process.
+    """
+    _thread.start_new_thread(function, arguments)
 
 
 def send_refusal(request, common_headers):

@@ -1007,6 +1007,30 @@ def test_a_client_sending_a_byte_at_a_time_is_dropped(start_server):
         assert time.monotonic() - started < 3
 
 
+def test_a_client_that_never_reads_its_answers_is_dropped(start_server):
+    # A client asks for the chime again and again without reading the answers. Once the socket
+    # buffers are full, the server's write waits, and must give up after the request time-out
+    # (1 s) instead of holding the thread for ever; other people are served meanwhile.
+    server = start_server("--request-timeout", "1")
+    someone_else = new_client(server)
+    request = b"GET /chime.wav HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 10
+    with socket.create_connection(("127.0.0.1", server.port)) as connection:
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        connection.settimeout(0.2)  # a full buffer on our side makes send() wait; try again
+        started = time.monotonic()
+        dropped = False
+        while not dropped and time.monotonic() - started < 15:
+            try:
+                connection.send(request)
+            except socket.timeout:
+                pass
+            except OSError:  # reset or broken pipe: the server closed the connection
+                dropped = True
+            assert someone_else.poll(since=None, timeout=0)["version"] >= 0
+        assert dropped, "a client that never reads was never dropped"
+    assert "connection dropped" in server.output()
+
+
 def test_request_timeout_flag_is_listed_in_help(tmp_path):
     # --help explains the flag that sets the request time-out.
     result = run_chatroom(CHATROOM, "--help", cwd=tmp_path)
