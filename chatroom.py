@@ -4,8 +4,9 @@ Run it:    python chatroom.py        then open http://127.0.0.1:8000/ in two bro
 Options:   python chatroom.py --help
 
 Everything lives in this file and Python's standard library: the web server is http.server, each
-connection gets its own thread, and messages are kept in an SQLite file. The page the browser loads
-is index.html, next to this file; chime.wav is the sound it plays.
+connection gets its own thread (only one thread runs Python at a time: it must hold CPython's
+global interpreter lock, the GIL), and messages are kept in an SQLite file. The page the browser
+loads is index.html, next to this file; chime.wav is the sound it plays.
 
 Long-polling in one paragraph
 -----------------------------
@@ -794,7 +795,7 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
                                               "Please try again in a moment."},
                                [("Retry-After", "1")])
             except CLIENT_WENT_AWAY:
-                raise  # one line in the log (ChatServer.handle_error)
+                raise  # one line in the log, by http.server for a time-out, else by handle_error
             except Exception:
                 # Through log(), not log_message(), which would flatten the traceback onto one
                 # line; the request line is repr()'d so that it cannot forge lines of its own.
@@ -1078,12 +1079,13 @@ class RequestReader(io.RawIOBase):
 
     The socket's time-out (set_time_outs) limits each wait for data, so on its own it lets a
     client that sends one byte every few seconds hold a thread for ever (the "slowloris" attack).
-    Here a read is refused once the deadline has passed; it is set again before every request.
-    Such a client is dropped at most one socket time-out after its deadline.
+    So each request also has a deadline, restarted by handle_one_request(), and once it has
+    passed, the next read is refused: such a client is dropped at most one socket time-out after
+    its deadline (with the default 10 s, 20 s after its request began).
 
     Each read could instead wait only for the time left (socket.settimeout() before every
-    read): exact, but each settimeout() is a system call, and system calls are what cost most
-    when a crowd arrives (see set_time_outs).
+    read): exact, but each settimeout() is one more system call, and system calls are what cost
+    most when a crowd arrives (see set_time_outs, next).
     """
 
     def __init__(self, connection, seconds):
@@ -1102,28 +1104,38 @@ class RequestReader(io.RawIOBase):
             raise TimeoutError("the request did not arrive in time")
         try:
             return self.connection.recv_into(buffer)
-        except BlockingIOError:  # how a read that the kernel timed out ends (set_time_outs)
+        except BlockingIOError:  # a read that the kernel timed out (see set_time_outs)
             raise TimeoutError("the client sent nothing for too long") from None
 
 
 def set_time_outs(connection, seconds):
     """Make each read and each write on the socket give up after `seconds` of waiting.
 
-    socket.settimeout(seconds) would do it, but then Python calls poll() before every recv()
-    and send(), to wait with a time-out: two system calls instead of one. A thread lets go of
-    the GIL for each system call, and when hundreds of threads are queueing for the GIL, every
-    let-go wakes another one: this, not Python code, is where the server's time went when a
-    crowd arrived (bench_chatroom.py, crowd: perf shows half of it in futex, the system call
-    under the GIL). So we leave the socket blocking and ask the kernel to time out the calls
-    themselves (SO_RCVTIMEO, SO_SNDTIMEO, which take a C struct timeval). A call that timed
-    out raises BlockingIOError. Windows takes these options in another format: there we use
-    settimeout().
+    socket.settimeout(seconds) would do it, but then, before every recv() and send(), Python
+    makes a poll() system call (it waits until the socket is ready, or the time is up): two
+    system calls instead of one. A system call is a request to the kernel, and a thread releases
+    the GIL for each one. When hundreds of threads are waiting for the GIL, each release wakes
+    one of them, and the CPU switches threads: when a crowd arrived (bench_chatroom.py, crowd),
+    perf put half of the server's time in futex, the system call with which threads sleep and
+    wake while they wait for the GIL, and less in Python code.
+
+    So we ask the kernel itself to time out each call (the SO_RCVTIMEO and SO_SNDTIMEO options,
+    which take a C struct timeval: whole seconds and microseconds), and Python's poll() is not
+    needed. The socket stays blocking, as accept() made it. A call that the kernel timed out
+    fails as if the socket were non-blocking and not ready (EAGAIN): Python raises
+    BlockingIOError. RequestReader turns that into TimeoutError for reads; for writes it is in
+    CLIENT_WENT_AWAY. One difference: settimeout() limits a whole sendall(); the kernel limits
+    each send() in it, so a client reading a little every few seconds can stretch a large
+    answer out. Windows takes these options as milliseconds, not a timeval: there we keep
+    settimeout(), and a stall raises TimeoutError.
     """
     if sys.platform == "win32":
         connection.settimeout(seconds)
         return
     whole_seconds = int(seconds)
-    timeval = struct.pack("@ll", whole_seconds, int((seconds - whole_seconds) * 1_000_000))
+    # Rounded up: a timeval of zero would mean "wait for ever".
+    microseconds = math.ceil((seconds - whole_seconds) * 1_000_000)
+    timeval = struct.pack("@ll", whole_seconds, microseconds)
     connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
     connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
@@ -1269,10 +1281,11 @@ def start_thread(function, *arguments):
     ThreadingHTTPServer would start a threading.Thread, whose start() waits until the new thread
     is running. That costs two turns at the GIL: one for the new thread to say it started, one
     for the accepting thread to get the GIL back. When a crowd arrives, hundreds of threads are
-    queueing for the GIL, so each turn is a long wait: the accepting thread took in only ~700
-    connections a second, and 2000 newcomers all had the page after 2.9 s; without the wait,
-    after 1.6 s (bench_chatroom.py, crowd). _thread, the module threading is built on, starts
-    a thread without waiting. Like a daemon thread, it does not hold up the exit of the process.
+    waiting for the GIL, so each turn is a long wait: the accepting thread took in only ~700
+    connections a second. With this change alone, 2000 newcomers all had the page after 1.6 s
+    instead of 2.9 s (bench_chatroom.py, crowd). _thread, the module threading is built on,
+    starts a thread without waiting. Like a daemon thread, the new thread does not hold up the
+    exit of the process.
     """
     _thread.start_new_thread(function, arguments)
 
