@@ -27,7 +27,8 @@ plays the part of many browsers at once:
     crowd      2000 people open the room at the same moment (page, chime, first poll). How long
                until every one of them is parked and the server is quiet again? One crowd is one
                sample of a noisy machine, so it is run three times, each on a fresh server: the
-               table shows the run with the median settling time, and lists all three.
+               table shows the run with the median settling time, and lists all three. (With
+               --url, once: the server would still be letting go of the last crowd.)
     startup    How long the server takes to start, and to answer a first poll, with 1,000,000
                stored messages. (That file is built once by writing rows straight into SQLite,
                and cached under /tmp, so reruns are quick.)
@@ -1064,7 +1065,8 @@ def run_scenarios(args, scratch):
         result["history"] = "as it is" if args.url else args.bytes_history
         yield "bytes", result
     if "crowd" in chosen:
-        runs = [run(lambda room: crowd(room, args.crowd)) for _ in range(args.crowd_runs)]
+        count = 1 if args.url else args.crowd_runs
+        runs = [run(lambda room: crowd(room, args.crowd)) for _ in range(count)]
         yield "crowd", median_run(runs, "settle_s")
     if "startup" in chosen and not args.url:  # needs servers of our own
         yield "startup", startup(script, args.startup_messages, scratch)
