@@ -1111,23 +1111,20 @@ class RequestReader(io.RawIOBase):
 def set_time_outs(connection, seconds):
     """Make each read and each write on the socket give up after `seconds` of waiting.
 
-    socket.settimeout(seconds) would do it, but then, before every recv() and send(), Python
-    makes a poll() system call (it waits until the socket is ready, or the time is up): two
-    system calls instead of one. A system call is a request to the kernel, and a thread releases
-    the GIL for each one. When hundreds of threads are waiting for the GIL, each release wakes
-    one of them, and the CPU switches threads: when a crowd arrived (bench_chatroom.py, crowd),
-    perf put half of the server's time in futex, the system call with which threads sleep and
-    wake while they wait for the GIL, and less in Python code.
+    socket.settimeout() would do it, but then Python makes a poll() system call (wait until the
+    socket is ready, or the time is up) before every recv() and send(): two system calls instead
+    of one. A thread releases the GIL for each system call, and when hundreds of threads wait
+    for the GIL, each release wakes one of them. When a crowd arrived (bench_chatroom.py, crowd),
+    perf put half of the server's time in futex, the system call in which threads sleep and
+    wake while they wait for the GIL: more than in our Python code.
 
-    So we ask the kernel itself to time out each call (the SO_RCVTIMEO and SO_SNDTIMEO options,
-    which take a C struct timeval: whole seconds and microseconds), and Python's poll() is not
-    needed. The socket stays blocking, as accept() made it. A call that the kernel timed out
-    fails as if the socket were non-blocking and not ready (EAGAIN): Python raises
-    BlockingIOError. RequestReader turns that into TimeoutError for reads; for writes it is in
-    CLIENT_WENT_AWAY. One difference: settimeout() limits a whole sendall(); the kernel limits
-    each send() in it, so a client reading a little every few seconds can stretch a large
-    answer out. Windows takes these options as milliseconds, not a timeval: there we keep
-    settimeout(), and a stall raises TimeoutError.
+    So the kernel times out each call itself (the SO_RCVTIMEO and SO_SNDTIMEO options, given as
+    a C struct timeval: seconds and microseconds), on a socket left blocking, as accept() made
+    it. A call that timed out fails with EAGAIN, as on a non-blocking socket, and Python raises
+    BlockingIOError: RequestReader turns it into TimeoutError; for writes it is in
+    CLIENT_WENT_AWAY. One difference: settimeout() limits a whole sendall(), the kernel each
+    send() in it, so a client that reads a little every few seconds can stretch an answer out.
+    Windows wants milliseconds instead of a timeval: there we keep settimeout().
     """
     if sys.platform == "win32":
         connection.settimeout(seconds)
