@@ -120,7 +120,7 @@ BROWSER_HEADERS = [
 # a sustained poster inside all of them for the 20 s the scenario lasts.
 SUSTAINED_POST_INTERVAL = 3.5  # seconds
 
-PRESENCE_INTERVAL = 1.0  # seconds; chatroom.py announces arrivals and departures this often
+PRESENCE_INTERVAL = 1.0  # seconds; chatroom.py announces arrivals and departures at most this often
 CONNECT_BATCH = 100  # pages that connect at the same moment while a scenario sets up (not crowd)
 ROUND_TIMEOUT = 10.0  # seconds a round may take before its missing deliveries count as lost
 SETTLE_TIMEOUT = 60.0  # seconds we wait for the pages to be parked and the server to be quiet
@@ -654,7 +654,7 @@ class Audience:
         """Wait until every page has a poll open and the server is quiet.
 
         With `quiet_for`, also wait until no answer has come for that many seconds: long enough
-        for a presence announcement (once a second) to have come and gone.
+        for a presence announcement (at most one a second) to have come and gone.
         """
         deadline = time.perf_counter() + timeout
         while time.perf_counter() < deadline:

@@ -90,8 +90,11 @@ MAX_PARKED_PER_USER = 6  # a browser opens at most 6 connections to one host: on
 MAX_CACHED_ANSWERS = 8  # encoded answers kept per version (one per `since` asked about): a thousand
 #                        woken polls ask for the same one, and a script asking for every `since`
 #                        must not make us keep a megabyte-sized answer for each
-PRESENCE_INTERVAL = 1.0  # seconds between presence checks, so arrivals and departures wake the
-#                          parked polls at most once a second, however many people come and go
+PRESENCE_INTERVAL = 1.0  # seconds: departures are looked for this often, and a change in who is
+#                          online wakes the parked polls at most this often, however many come and go
+ARRIVALS_PAUSE = 0.2  # seconds without a newcomer after which the newcomers are announced: people
+#                       arriving together are announced together, once they are all in
+ARRIVALS_MAX_WAIT = 2.0  # seconds a newcomer waits for that pause at most, if people keep coming
 DEFAULT_ONLINE_WINDOW = 30  # seconds after their last poll that someone still counts as online
 MAX_ONLINE = 1000  # people in the online list: every answer that carries the list carries them all,
 #                    and anyone can make up a cookie. Past this, newcomers are served but not listed
@@ -298,16 +301,20 @@ class Room:
             self._publish(version, online=self.presence.online_list(recompute=True))
 
     def refresh_presence(self):
-        """Announce the online list if it changed. Called once a second by a background thread."""
+        """Announce the online list if it changed, and say whether it did.
+
+        Called by a background thread: keep_presence_fresh, in section 8.
+        """
         online = self.presence.online_list()
         if online is self.online or online == self.online:  # `is`: usually the same kept list
-            return
+            return False
         with self._write_lock:
             version = self.version + 1
             # Saved although nothing but the version is: versions must keep growing across a
             # restart, or a page that saw this one would take the restarted room for a new one.
             self.storage.save_version(version)
             self._publish(version, online=online)
+        return True
 
 
 # ==================================================================================================
@@ -344,6 +351,9 @@ class Presence:
         self._parked = collections.defaultdict(list)  # user id -> [ParkedPoll, ...], oldest first
         self._parked_on = {}  # socket -> the ParkedPoll waiting on it
         self._online = None  # online_list()'s last answer; None once someone arrives or leaves
+        self._arrivals = threading.Condition(self._lock)  # the presence thread waits on it
+        self._first_arrival = None  # time.monotonic() of the first newcomer not yet announced
+        self._last_arrival = None  # and of the latest one
         self._selector_lock = threading.Lock()
         self._selector = selectors.DefaultSelector()
 
@@ -353,11 +363,16 @@ class Presence:
 
     def _seen_now(self, user):
         """Count `user` as online from now, unless the list is full (see MAX_ONLINE)."""
+        now = time.monotonic()
         if user.id in self._last_seen:
-            self._last_seen[user.id] = (user, time.monotonic())
+            self._last_seen[user.id] = (user, now)
         elif len(self._last_seen) < MAX_ONLINE:
-            self._last_seen[user.id] = (user, time.monotonic())
+            self._last_seen[user.id] = (user, now)
             self._online = None  # someone arrived: online_list() must make the list again
+            self._last_arrival = now
+            if self._first_arrival is None:
+                self._first_arrival = now
+                self._arrivals.notify()  # see wait_for_arrivals_to_pause
 
     def park(self, poll):
         """Count a parked poll. Returns the user's oldest parked poll if they now have too many."""
@@ -382,6 +397,25 @@ class Presence:
                 del self._parked[poll.user.id]
             self._parked_on.pop(poll.connection, None)
             self._seen_now(poll.user)
+
+    def wait_for_arrivals_to_pause(self, longest):
+        """Wait until the newcomers so far should be announced; `longest` s if none arrive.
+
+        That is when ARRIVALS_PAUSE seconds pass without another newcomer, or ARRIVALS_MAX_WAIT
+        seconds after the first. Each announcement wakes every parked poll, so a crowd coming
+        in is announced once, when it is in, not once a second while it comes.
+        """
+        with self._arrivals:
+            due = time.monotonic() + longest
+            while True:
+                if self._first_arrival is not None:
+                    due = min(self._last_arrival + ARRIVALS_PAUSE,
+                              self._first_arrival + ARRIVALS_MAX_WAIT)
+                remaining = due - time.monotonic()
+                if remaining <= 0:
+                    self._first_arrival = None
+                    return
+                self._arrivals.wait(remaining)
 
     def is_online(self, user_id):
         with self._lock:
@@ -1339,10 +1373,18 @@ def allowed_hosts(host):
 
 
 def keep_presence_fresh(room, stop):
-    """Background thread: once a second, announce arrivals and departures."""
-    while not stop.wait(PRESENCE_INTERVAL):
+    """Background thread: announce arrivals and departures, at most once a second.
+
+    It looks for departures once a second, and announces newcomers when they stop coming
+    (Presence.wait_for_arrivals_to_pause).
+    """
+    while not stop.is_set():
+        room.presence.wait_for_arrivals_to_pause(longest=PRESENCE_INTERVAL)
+        if stop.is_set():
+            return
         try:
-            room.refresh_presence()
+            if room.refresh_presence():
+                stop.wait(PRESENCE_INTERVAL)  # an announcement wakes every parked poll
         except StorageError as error:
             log(f"could not save a presence change, will retry: {error}")
 

@@ -320,6 +320,44 @@ def test_parked_poll_is_woken_by_someone_arriving(tmp_path, start_server):
     assert carol_id in [person["id"] for person in result["answer"]["online"]]
 
 
+def park_alone(server):
+    """A client alone online, with a poll parked in the background: (thread, result)."""
+    bob = new_client(server)
+    bob_id = bob.join()["you"]["id"]
+    wait_until(lambda: [p["id"] for p in bob.poll(since=None)["online"]] == [bob_id],
+               message="Bob alone online")
+    return poll_in_background(bob, timeout=30)
+
+
+def test_people_arriving_together_are_announced_together(start_server):
+    # Bob is parked while 24 people arrive over more than a second, closer together than
+    # ARRIVALS_PAUSE (0.2 s). His poll wakes once they stop coming, with all 24 in the list,
+    # not at some moment in between with part of them.
+    server = start_server()
+    thread, result = park_alone(server)
+    newcomers = set()
+    for _ in range(24):
+        newcomers.add(new_client(server).poll(since=None, timeout=0)["you"]["id"])
+        time.sleep(0.05)  # the pace at which people arrive
+    thread.join(20)
+    assert not thread.is_alive(), "the arrivals were never announced"
+    listed = {person["id"] for person in result["answer"]["online"]}
+    assert newcomers <= listed, f"announced with {len(newcomers & listed)} of the 24 in"
+
+
+def test_a_steady_stream_of_arrivals_is_announced_before_it_ends(start_server):
+    # People keep arriving, one every 0.1 s, for 4 s. Bob's parked poll does not wait for a
+    # pause that never comes: it wakes within ARRIVALS_MAX_WAIT (2 s) of the first arrival.
+    server = start_server()
+    thread, _ = park_alone(server)
+    for _ in range(40):
+        new_client(server).poll(since=None, timeout=0)
+        if not thread.is_alive():
+            break
+        time.sleep(0.1)  # the pace at which people arrive
+    assert not thread.is_alive(), "arrivals were announced only once they stopped"
+
+
 def test_timeout_zero_answers_at_once_and_timeout_expires(server):
     # With nothing new, timeout=0 answers at once, and timeout=1 answers (unchanged) once the
     # time-out passes. (A presence change may wake a poll first, so try a few times.)
