@@ -90,8 +90,9 @@ MAX_PARKED_PER_USER = 6  # a browser opens at most 6 connections to one host: on
 MAX_CACHED_ANSWERS = 8  # encoded answers kept per version (one per `since` asked about): a thousand
 #                        woken polls ask for the same one, and a script asking for every `since`
 #                        must not make us keep a megabyte-sized answer for each
-PRESENCE_INTERVAL = 1.0  # seconds: departures are looked for this often, and a change in who is
-#                          online wakes the parked polls at most this often, however many come and go
+PRESENCE_INTERVAL = 1.0  # seconds: a change in who is online wakes the parked polls at most this
+#                          often, however many come and go; in a quiet room, departures are looked
+#                          for this often
 ARRIVALS_PAUSE = 0.2  # seconds without a newcomer after which the newcomers are announced: people
 #                       arriving together are announced together, once they are all in
 ARRIVALS_MAX_WAIT = 2.0  # seconds a newcomer waits for that pause at most, if people keep coming
@@ -301,14 +302,14 @@ class Room:
             self._publish(version, online=self.presence.online_list(recompute=True))
 
     def refresh_presence(self):
-        """Announce the online list if it changed, and say whether it did.
+        """Announce the online list if it changed. Returns True if it did.
 
         Called by a background thread: keep_presence_fresh, in section 8.
         """
-        online = self.presence.online_list()
-        if online is self.online or online == self.online:  # `is`: usually the same kept list
-            return False
-        with self._write_lock:
+        with self._write_lock:  # else a rename could be published between our look and our news
+            online = self.presence.online_list()
+            if online is self.online or online == self.online:  # `is`: usually the same kept list
+                return False
             version = self.version + 1
             # Saved although nothing but the version is: versions must keep growing across a
             # restart, or a page that saw this one would take the restarted room for a new one.
@@ -346,13 +347,15 @@ class Presence:
 
     def __init__(self, window):
         self.window = window
-        self._lock = threading.Lock()  # guards the four fields below
+        self._lock = threading.Lock()  # guards the fields below, up to _selector_lock
         self._last_seen = {}  # user id -> (User, time.monotonic() of their last poll)
         self._parked = collections.defaultdict(list)  # user id -> [ParkedPoll, ...], oldest first
         self._parked_on = {}  # socket -> the ParkedPoll waiting on it
         self._online = None  # online_list()'s last answer; None once someone arrives or leaves
-        self._arrivals = threading.Condition(self._lock)  # the presence thread waits on it
-        self._first_arrival = None  # time.monotonic() of the first newcomer not yet announced
+        # The presence thread waits on _arrivals; the first newcomer since it last looked wakes
+        # it, and it reads _last_arrival again whenever its wait ends (wait_until_time_to_look).
+        self._arrivals = threading.Condition(self._lock)
+        self._first_arrival = None  # time.monotonic() of the first newcomer since then
         self._last_arrival = None  # and of the latest one
         self._selector_lock = threading.Lock()
         self._selector = selectors.DefaultSelector()
@@ -372,7 +375,7 @@ class Presence:
             self._last_arrival = now
             if self._first_arrival is None:
                 self._first_arrival = now
-                self._arrivals.notify()  # see wait_for_arrivals_to_pause
+                self._arrivals.notify()  # our callers hold _lock, which _arrivals is built on
 
     def park(self, poll):
         """Count a parked poll. Returns the user's oldest parked poll if they now have too many."""
@@ -398,15 +401,17 @@ class Presence:
             self._parked_on.pop(poll.connection, None)
             self._seen_now(poll.user)
 
-    def wait_for_arrivals_to_pause(self, longest):
-        """Wait until the newcomers so far should be announced; `longest` s if none arrive.
+    def wait_until_time_to_look(self, idle):
+        """Return when the online list should be looked at again (by Room.refresh_presence).
 
-        That is when ARRIVALS_PAUSE seconds pass without another newcomer, or ARRIVALS_MAX_WAIT
-        seconds after the first. Each announcement wakes every parked poll, so a crowd coming
-        in is announced once, when it is in, not once a second while it comes.
+        If nobody arrives, that is after `idle` seconds. If someone does, it is once newcomers
+        pause (ARRIVALS_PAUSE seconds without another), or ARRIVALS_MAX_WAIT seconds after the
+        first, even if that is later than `idle`. Each announcement wakes every parked poll, so
+        a crowd coming in is announced once, when it is in, not once a second while it comes.
+        On return, the newcomers count as seen: the caller is to announce them.
         """
         with self._arrivals:
-            due = time.monotonic() + longest
+            due = time.monotonic() + idle
             while True:
                 if self._first_arrival is not None:
                     due = min(self._last_arrival + ARRIVALS_PAUSE,
@@ -1375,18 +1380,21 @@ def allowed_hosts(host):
 def keep_presence_fresh(room, stop):
     """Background thread: announce arrivals and departures, at most once a second.
 
-    It looks for departures once a second, and announces newcomers when they stop coming
-    (Presence.wait_for_arrivals_to_pause).
+    In a quiet room it looks for departures once a second. Newcomers are announced when they
+    stop coming (Presence.wait_until_time_to_look), with any departures found by then.
     """
     while not stop.is_set():
-        room.presence.wait_for_arrivals_to_pause(longest=PRESENCE_INTERVAL)
+        room.presence.wait_until_time_to_look(idle=PRESENCE_INTERVAL)
         if stop.is_set():
             return
         try:
-            if room.refresh_presence():
-                stop.wait(PRESENCE_INTERVAL)  # an announcement wakes every parked poll
+            if not room.refresh_presence():
+                continue
         except StorageError as error:
             log(f"could not save a presence change, will retry: {error}")
+        # Announcements (and retries) at least PRESENCE_INTERVAL apart, as each wakes every
+        # parked poll; stop.wait(), so that stopping the server is not held up.
+        stop.wait(PRESENCE_INTERVAL)
 
 
 def log(text):
