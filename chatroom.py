@@ -306,7 +306,9 @@ class Room:
 
         Called by a background thread: keep_presence_fresh, in section 8.
         """
-        with self._write_lock:  # else a rename could be published between our look and our news
+        # Under the write lock, or a rename published while we look could be overwritten by
+        # the older list we looked at.
+        with self._write_lock:
             online = self.presence.online_list()
             if online is self.online or online == self.online:  # `is`: usually the same kept list
                 return False
