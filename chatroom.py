@@ -1385,7 +1385,7 @@ def keep_presence_fresh(room, stop):
     In a quiet room it looks for departures once a second. Newcomers are announced when they
     stop coming (Presence.wait_until_time_to_look), with any departures found by then.
     """
-    while not stop.is_set():
+    while True:
         room.presence.wait_until_time_to_look(idle=PRESENCE_INTERVAL)
         if stop.is_set():
             return

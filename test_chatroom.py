@@ -305,21 +305,6 @@ def test_parked_poll_is_woken_by_a_post(server):
     assert message["id"] in [m["id"] for m in result["answer"]["messages"]]
 
 
-def test_parked_poll_is_woken_by_someone_arriving(tmp_path, start_server):
-    # Bob is alone and parked; when Carol comes online, Bob's poll answers with the new list.
-    server = start_server()
-    bob, carol = new_client(server), new_client(server)
-    bob_id = bob.join()["you"]["id"]
-    wait_until(lambda: [p["id"] for p in bob.poll(since=None)["online"]] == [bob_id],
-               message="Bob alone online")
-    thread, result = poll_in_background(bob, timeout=30)
-    carol.join()
-    carol_id = carol.poll(timeout=0)["you"]["id"]
-    thread.join(20)
-    assert not thread.is_alive(), "a presence change did not wake the parked poll"
-    assert carol_id in [person["id"] for person in result["answer"]["online"]]
-
-
 def park_alone(server):
     """A client alone online, with a poll parked in the background: (thread, result)."""
     bob = new_client(server)
@@ -327,6 +312,18 @@ def park_alone(server):
     wait_until(lambda: [p["id"] for p in bob.poll(since=None)["online"]] == [bob_id],
                message="Bob alone online")
     return poll_in_background(bob, timeout=30)
+
+
+def test_parked_poll_is_woken_by_someone_arriving(start_server):
+    # Bob is alone and parked; when Carol comes online, Bob's poll answers with the new list.
+    server = start_server()
+    thread, result = park_alone(server)
+    carol = new_client(server)
+    carol.join()
+    carol_id = carol.poll(timeout=0)["you"]["id"]
+    thread.join(20)
+    assert not thread.is_alive(), "a presence change did not wake the parked poll"
+    assert carol_id in [person["id"] for person in result["answer"]["online"]]
 
 
 def test_people_arriving_together_are_announced_together(start_server):
