@@ -45,6 +45,7 @@ import argparse
 import base64
 import collections
 import contextlib
+import email.utils
 import hashlib
 import http
 import http.server
@@ -53,6 +54,7 @@ import json
 import math
 import re
 import secrets
+import select
 import selectors
 import signal
 import socket
@@ -110,6 +112,12 @@ MAX_BODY_BYTES = 16 * 1024  # a JSON body larger than this is refused unread
 MAX_HEADER_LINE = 65536  # bytes in one request header line, as http.client allows
 MAX_HEADERS = 100  # header lines in one request, as http.client allows
 REQUEST_BUFFER = 2048  # bytes read ahead on each connection
+MAX_UNSENT = 32 * 1024  # bytes of answers the kernel may hold unsent for one connection; past it,
+#                         writing waits for the client to read. (Unasked, the kernel holds up to
+#                         4 MB for a client that reads slowly: memory anyone could tie up.)
+MIN_READ_RATE = 16 * 1024  # bytes a second: a client must read an answer at least this fast, after
+#                            the grace of --request-timeout, or it is dropped (a slow phone link
+#                            reads far faster)
 
 # Rate limits: at most COUNT messages in any SECONDS, for each (COUNT, SECONDS) pair.
 RATE_LIMITS = [(2, 3), (3, 10), (8, 60), (50, 600)]
@@ -137,16 +145,47 @@ CONTENT_SECURITY_POLICY = (
 
 
 # ==================================================================================================
-# 2. The room: a version number, and a Condition that parked polls wait on
+# 2. The room: a version number, the list of pending polls, and how a change answers them
 # ==================================================================================================
 
+# Who writes a parked poll's answer. It is decided once, under the room's lock, and never changes:
+# so however threads interleave, each answer has exactly one writer.
+ROOM_WRITES = "room"  # the thread that changed the room writes it (Room.write_answers)
+POLL_WRITES = "poll"  # the poll's own thread writes it (time-out, shutdown, or not writable by us)
+
+
+class PendingPoll:
+    """A poll parked in the room: who asked, what they have seen, and how to answer them.
+
+    This is the room's list of pending requests. `answer_bytes` turns an answer's JSON body into
+    the very bytes the poll's own thread would write (status line, headers, body); it is None
+    for a poll that only its own thread may answer (see ChatHandler.room_may_answer).
+    """
+
+    def __init__(self, user, since, connection=None, answer_bytes=None):
+        self.user = user
+        self.since = since
+        self.connection = connection  # its socket
+        self.answer_bytes = answer_bytes
+        self.writer = None  # ROOM_WRITES or POLL_WRITES, once chosen
+        self.written = False  # the room has written all that the socket would take at once,
+        self.unsent = b""  # ... and this is the rest, for the poll's own thread to finish
+        self.error = None  # ... or the socket said that the client has gone (an OSError)
+
+    def ready(self):
+        """True once the poll's own thread may go on: to write the answer itself, or to finish
+        the one the room wrote."""
+        return self.writer is POLL_WRITES or (self.writer is ROOM_WRITES and self.written)
+
+
 class Room:
-    """The room as all threads share it: its version, who is online, and the Condition to wait on.
+    """The room as all threads share it: its version, who is online, and the pending polls.
 
     Every change (a message, a rename, the online list) goes the same way: take the write lock,
-    give the change the next version number, save it to disk, and only then publish it in memory
-    and wake the parked polls. So no page ever sees something that a crash could take back, and
-    the versions a page sees only ever grow.
+    give the change the next version number, save it to disk, and only then publish it: set the
+    version in memory and claim the parked polls, which the changing thread then answers (see
+    write_answers). So no page ever sees something that a crash could take back, and the versions
+    a page sees only ever grow.
     """
 
     def __init__(self, storage, presence):
@@ -158,49 +197,103 @@ class Room:
         self.closing = False
         # Two locks, so that waiting for the disk never holds up the parked polls:
         # _write_lock puts writers in a line (one version number each, saved in order);
-        # _changed guards the fields above and is the Condition that parked polls wait on.
+        # _changed guards the fields above and below, and is the Condition parked polls wait on.
         self._write_lock = threading.Lock()
         self._changed = threading.Condition()
+        self._pending = {}  # PendingPoll -> None: the parked polls, in the order they parked
+        self._to_wake = 0  # parked threads whose poll is answered (or theirs to answer): the relay
         self._answers = {}  # since -> the answer's shared part, encoded, for the current version
 
-    # --- Waiting and waking ----------------------------------------------------------------------
+    # --- Parking a poll ---------------------------------------------------------------------------
 
-    def wait_for_change(self, since, timeout, parked):
-        """Park the calling thread until the room is newer than `since`, or `timeout` seconds pass.
+    def poll(self, poll, timeout, present=True):
+        """Answer `GET /api/poll`: at once if the page is behind, otherwise once something changes.
 
-        This is where a long-poll waits. Also returns early when the room is closing, or when
-        `parked` (this poll's ParkedPoll) is released because its user opened too many polls.
-        The caller answers in every case; a time-out just means "no news".
+        `poll.since` is None for a page that has nothing yet; it gets a snapshot. A `since` newer
+        than the room means the page knew a room that is gone (say, the data file was replaced):
+        it gets a snapshot too, at once, instead of waiting for a version that may never come.
+        `present` is False for a client that sent no cookie: it is answered, but not counted as
+        online (see ChatHandler.get_poll).
+
+        Returns the answer's JSON body as bytes, for the caller to write; or None if the room
+        has already written the answer to the poll's socket (see write_answers).
+        """
+        if present:
+            self.presence.touch(poll.user)
+            self._count_parked(poll)
+        try:
+            if self._park(poll):
+                self.wait_for_change(poll, timeout)
+        finally:
+            if present:
+                self.presence.unpark(poll)
+        if poll.writer is ROOM_WRITES:
+            return None
+        return self.answer(poll.since, poll.user)
+
+    def _park(self, poll):
+        """Add the poll to the pending list if the page is up to date. True if it was added."""
+        with self._changed:
+            if poll.since != self.version or self.closing:
+                return False  # behind (or ahead, or we are stopping): answer it at once
+            self._pending[poll] = None
+            return True
+
+    def wait_for_change(self, poll, timeout):
+        """Park the calling thread until its poll is answered, or `timeout` seconds pass.
+
+        This is where a long-poll waits. When the room changes, the changing thread writes the
+        answer and wakes us (see write_answers): we then only finish what it could not write.
+        If `timeout` passes first (nothing new), or the room closes, the poll is ours to answer.
+
+        A thread that calls wait() must hold the Condition's lock; wait() lets go of it while it
+        waits and takes it back before it returns. Once back, the thread looks again: wait() may
+        return because the time is up, or because the wake-up was meant for another thread.
         """
         deadline = time.monotonic() + timeout
-        waited = False
         with self._changed:
-            while self.version <= since and not self.closing and not parked.released:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                waited = True
-                self._changed.wait(remaining)  # lets go of the lock while it waits
-            if waited and self.version > since:
-                # A relay: _publish() woke one parked poll, and each woken poll wakes the next.
-                # (notify_all() would wake a thousand threads at once, to fight over this lock
-                # and the GIL while the thread that posted the message waits behind them all.)
-                # Only a poll that waited passes the wake-up on; one that answered at once used
-                # none up. CPython's Condition wakes the longest waiter first, so polls that
-                # park again with the new version queue behind those still to be woken. Were
-                # the order ever different, a poll missed by the relay would still answer at its
-                # time-out, with everything it missed: later, never lost.
-                self._changed.notify()
+            while not poll.ready():
+                if poll.writer is None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or self.closing:
+                        del self._pending[poll]
+                        poll.writer = POLL_WRITES
+                        return
+                else:
+                    # The room is writing our answer: never for long, as write_answers() waits
+                    # for no socket, and marks what it claimed as written even if it fails.
+                    remaining = SHUTDOWN_GRACE
+                self._changed.wait(remaining)
+                if not poll.ready():
+                    self._pass_the_wake_up()  # it was not for us: on to the next thread
+            self._to_wake -= 1
+            self._pass_the_wake_up()
 
-    def _publish(self, version, online=None):
-        """Make a saved change visible, and wake the first parked poll (see wait_for_change)."""
-        with self._changed:
-            self.version = version
-            if online is not None:
-                self.online = online
-                self.online_version = version
-            self._answers = {}
-            self._changed.notify()  # the first leg of the relay (see wait_for_change)
+    def _pass_the_wake_up(self):
+        """Wake the next parked thread, if any thread still has an answer waiting for it.
+
+        Waking is a relay: write_answers() wakes one parked thread, and each thread that wakes
+        wakes the next. notify_all() would wake every parked thread at once, to fight over this
+        lock and the GIL: bench_chatroom.py measured several times the thread switches and twice
+        the server's CPU for it. notify() wakes the thread that has waited longest (CPython does
+        so; the documentation does not promise it): the polls a change answered parked before
+        any that park after it, so they are woken first. A thread woken for nothing passes the
+        wake-up on and waits again, so in any other order the relay still reaches every thread,
+        with more wake-ups on the way.
+        """
+        if self._to_wake > 0:
+            self._changed.notify()
+
+    def _count_parked(self, poll):
+        """Count the poll as its user's; if they now have too many, answer their oldest now."""
+        oldest = self.presence.park(poll)
+        if oldest is not None:
+            with self._changed:
+                if oldest.writer is None:  # still parked
+                    del self._pending[oldest]
+                    oldest.writer = POLL_WRITES
+                    self._to_wake += 1
+                    self._pass_the_wake_up()
 
     def close(self):
         """Wake every parked poll so that it answers, and refuse to park new ones."""
@@ -208,47 +301,71 @@ class Room:
             self.closing = True
             self._changed.notify_all()
 
-    # --- Answering a poll ------------------------------------------------------------------------
+    # --- Answering the pending polls ---------------------------------------------------------------
 
-    def poll(self, user, since, timeout, connection=None, present=True):
-        """Answer `GET /api/poll`: at once if the page is behind, otherwise once something changes.
+    def _publish(self, version, online=None):
+        """Make a saved change visible, and claim the pending polls: all of them are now behind.
 
-        `since` is None for a page that has nothing yet; it gets a snapshot. A `since` newer than
-        the room means the page knew a room that is gone (say, the data file was replaced): it
-        gets a snapshot too, at once, instead of waiting for a version that may never come.
-        `present` is False for a client that sent no cookie: it is answered, but not counted as
-        online (see ChatHandler.get_poll). Returns the answer's JSON body as bytes.
+        Returns the polls whose answers the calling thread is to write (with write_answers),
+        after it has answered its own client. Polls the room may not answer are woken here, to
+        answer themselves.
         """
-        if present:
-            self.presence.touch(user)
-        # A page that is behind (since < version) goes through here too: wait_for_change() then
-        # returns at once. Only a page that is up to date (since == version) really waits.
-        if since is not None and since <= self.version and not self.closing:
-            parked = ParkedPoll(user, connection)  # defined in section 3, with Presence
-            if present:
-                self._park(parked)
-            try:
-                self.wait_for_change(since, timeout, parked)
-            finally:
-                if present:
-                    self.presence.unpark(parked)
-        return self.answer(since, user)
+        with self._changed:
+            self.version = version
+            if online is not None:
+                self.online = online
+                self.online_version = version
+            self._answers = {}
+            claimed, still_pending = [], {}
+            for poll in self._pending:
+                if poll.since >= version:  # only a poll that is behind gets an answer (a poll
+                    still_pending[poll] = None  # parks only when up to date, so all are, today)
+                elif poll.answer_bytes is None:
+                    poll.writer = POLL_WRITES
+                    self._to_wake += 1
+                else:
+                    poll.writer = ROOM_WRITES
+                    claimed.append(poll)
+            self._pending = still_pending
+            self._pass_the_wake_up()  # those that answer themselves
+        return claimed
 
-    def _park(self, parked):
-        """Register a parked poll; if its user now has too many, release their oldest one."""
-        oldest = self.presence.park(parked)
-        if oldest is not None:
+    def write_answers(self, claimed):
+        """Write the answer of each claimed poll to its socket, without ever waiting; then wake
+        the polls' threads, which finish what did not fit and read their next request.
+
+        This is the broadcast: one thread writes every waiting page's answer, straight from the
+        list of pending polls. (Waking each parked thread to build and write its own answer
+        costs each page a turn at the GIL before it hears the news.) It runs without the room's
+        lock held, so other posts and polls go on meanwhile.
+        """
+        answers = {}  # since -> the answer's body without "you": one per `since` in this broadcast
+        try:
+            for poll in claimed:
+                if poll.since not in answers:
+                    answers[poll.since] = self.shared_answer(poll.since)
+                answer = poll.answer_bytes(with_you(answers[poll.since], poll.user))
+                try:
+                    poll.unsent = send_now(poll.connection, answer)
+                except OSError as error:  # the client has gone
+                    poll.error = error
+        finally:
             with self._changed:
-                oldest.released = True
-                # Rare (only scripts open this many polls), so waking everyone here is acceptable.
-                self._changed.notify_all()
+                for poll in claimed:
+                    poll.written = True
+                self._to_wake += len(claimed)
+                self._pass_the_wake_up()
 
     def answer(self, since, user):
-        """The JSON answer to a poll that has seen `since`: what changed after it, or a snapshot.
+        """The JSON answer to a poll that has seen `since`: what changed after it, or a snapshot."""
+        return with_you(self.shared_answer(since), user)
 
-        When a message wakes a thousand parked polls they all ask for the same thing, so the
-        shared part of the answer is encoded once per version and reused; only the short "you"
-        part differs from one reader to the next, and is added at the end.
+    def shared_answer(self, since):
+        """The part of the answer to `since` that is the same for every reader, encoded.
+
+        When a message reaches a thousand parked polls they all ask for the same thing, so it
+        is encoded once per version and reused; only the short "you" part differs from one
+        reader to the next, and is added at the end (with_you).
         """
         with self._changed:
             version = self.version
@@ -261,9 +378,7 @@ class Room:
             with self._changed:
                 if self.version == version and len(self._answers) < MAX_CACHED_ANSWERS:
                     self._answers[key] = shared
-        # `shared` is an encoded JSON object, b'{...}': replace its closing brace with this
-        # reader's own "you" field, and close it again.
-        return shared[:-1] + b',"you":' + encode_json(user.public()) + b"}"
+        return shared
 
     def _encode_answer(self, since, version, snapshot, online):
         if snapshot:
@@ -280,7 +395,10 @@ class Room:
     # --- Changing the room -----------------------------------------------------------------------
 
     def add_message(self, user, text):
-        """Save a message and announce it. Raises StorageError, having announced nothing."""
+        """Save a message and publish it. Raises StorageError, having published nothing.
+
+        Returns the message and the claimed polls, for write_answers().
+        """
         with self._write_lock:
             message = {
                 "id": self.version + 1,  # a message's id is the version its arrival created
@@ -290,16 +408,18 @@ class Room:
                 "time": int(time.time() * 1000),
             }
             self.storage.save_message(message, user)
-            self._publish(message["id"])
-        return message
+            return message, self._publish(message["id"])
 
     def rename(self, user, name):
-        """Save a user's new name and announce it. Raises StorageError, having changed nothing."""
+        """Save a user's new name and publish it. Raises StorageError, having changed nothing.
+
+        Returns the claimed polls, for write_answers().
+        """
         with self._write_lock:
             version = self.version + 1
             self.storage.save_name(user, name, version)
             user.name = name
-            self._publish(version, online=self.presence.online_list(recompute=True))
+            return self._publish(version, online=self.presence.online_list(recompute=True))
 
     def refresh_presence(self):
         """Announce the online list if it changed. Returns True if it did.
@@ -316,22 +436,41 @@ class Room:
             # Saved although nothing but the version is: versions must keep growing across a
             # restart, or a page that saw this one would take the restarted room for a new one.
             self.storage.save_version(version)
-            self._publish(version, online=online)
+            claimed = self._publish(version, online=online)
+        self.write_answers(claimed)
         return True
+
+
+def with_you(shared, user):
+    """An answer's shared part, b'{...}', with this reader's own "you" field added at the end."""
+    return shared[:-1] + b',"you":' + user.public_json() + b"}"
+
+
+# A send() that does not wait needs the MSG_DONTWAIT flag, which Windows lacks: there, every
+# poll's own thread writes its answer (see ChatHandler.room_may_answer).
+ANSWERS_WITHOUT_WAITING = hasattr(socket, "MSG_DONTWAIT")
+
+
+def send_now(connection, data):
+    """Write what the socket takes of `data` at once, without waiting; return the rest.
+
+    MSG_DONTWAIT makes this one send() non-blocking, on a socket that stays blocking for its own
+    thread. A client that reads slowly, or not at all, thus never holds up the room. Raises
+    OSError if the client has gone.
+    """
+    if not ANSWERS_WITHOUT_WAITING:
+        connection.sendall(data)
+        return b""
+    try:
+        sent = connection.send(data, socket.MSG_DONTWAIT)
+    except BlockingIOError:  # not a byte fits now
+        return data
+    return data[sent:]
 
 
 # ==================================================================================================
 # 3. Presence: who is online
 # ==================================================================================================
-
-class ParkedPoll:
-    """One poll waiting in Room.wait_for_change(), as Presence keeps track of it."""
-
-    def __init__(self, user, connection):
-        self.user = user
-        self.connection = connection  # the socket, to notice when the page has gone away
-        self.released = False  # set to answer this poll early
-
 
 class Presence:
     """Who is online: anyone with a parked poll, or whose last poll is within the online window.
@@ -351,8 +490,8 @@ class Presence:
         self.window = window
         self._lock = threading.Lock()  # guards the fields below, up to _selector_lock
         self._last_seen = {}  # user id -> (User, time.monotonic() of their last poll)
-        self._parked = collections.defaultdict(list)  # user id -> [ParkedPoll, ...], oldest first
-        self._parked_on = {}  # socket -> the ParkedPoll waiting on it
+        self._parked = collections.defaultdict(list)  # user id -> [PendingPoll, ...], oldest first
+        self._parked_on = {}  # socket -> the PendingPoll waiting on it
         self._online = None  # online_list()'s last answer; None once someone arrives or leaves
         # The presence thread waits on _arrivals; the first newcomer since it last looked wakes
         # it, and it reads _last_arrival again whenever its wait ends (wait_until_time_to_look).
@@ -519,9 +658,16 @@ class User:
         self.sid = sid
         self.id = hashlib.sha256(sid.encode("ascii")).hexdigest()[:16]
         self.name = name or f"Guest {int(self.id, 16) % 9000 + 1000}"
+        self._encoded_name = self._encoded = None
 
     def public(self):
         return {"id": self.id, "name": self.name}
+
+    def public_json(self):
+        """public(), encoded: every answer to this user's polls carries it, so it is kept."""
+        if self._encoded_name != self.name:
+            self._encoded_name, self._encoded = self.name, encode_json(self.public())
+        return self._encoded
 
 
 class Sessions:
@@ -750,8 +896,9 @@ def message_from_row(row):
     return {"id": message_id, "user": user_id, "name": name, "text": text, "time": sent}
 
 
-def encode_json(value):
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+def encode_json(value, encoder=json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))):
+    # One encoder for all: json.dumps() with these options would make a new one on every call.
+    return encoder.encode(value).encode("utf-8")
 
 
 # ==================================================================================================
@@ -784,13 +931,14 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
     """
 
     protocol_version = "HTTP/1.1"  # keep-alive: a page's next poll reuses the same connection
+    # Send each answer the moment it is written. Otherwise Nagle's algorithm may hold a small
+    # answer back for up to 40 ms, waiting for the client to acknowledge the last one.
+    disable_nagle_algorithm = True
 
     def setup(self):
         super().setup()
         set_time_outs(self.connection, self.server.request_timeout)
-        # Send each answer the moment it is written. Without this, Nagle's algorithm may hold
-        # a small answer back for up to 40 ms waiting for an acknowledgement from the client.
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        limit_unsent(self.connection)
         self.rfile.close()  # read through RequestReader instead, for its deadline
         self.request_reader = RequestReader(self.connection, self.server.request_timeout)
         # 2 KB holds a browser's request; the usual 8 KB stays mostly empty, on every connection.
@@ -869,10 +1017,38 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         if not present:
             self.new_sid = new_session_id()
             user = User(self.new_sid)
-        body = self.server.room.poll(user, since, timeout, self.connection, present)
+        poll = PendingPoll(user, since, self.connection,
+                           self.poll_answer if self.room_may_answer() else None)
+        body = self.server.room.poll(poll, timeout, present)
         if self.server.room.closing:
             self.close_connection = True
-        self.send(200, body, "application/json")
+        if body is None:  # the room wrote the answer itself (Room.write_answers)
+            self.finish_answer(poll)
+        else:
+            self.send(200, body, "application/json")
+
+    def room_may_answer(self):
+        """True if the room may write this poll's answer for us: if it is the same answer
+        whichever thread writes it. Not so for a HEAD request (no body), a new client (it is
+        owed a cookie), or an answer after which we close the connection (HTTP/1.0 without
+        keep-alive, or a body we did not read)."""
+        return (ANSWERS_WITHOUT_WAITING and self.command == "GET" and self.new_sid is None
+                and not self.body_pending and not self.close_connection)
+
+    def poll_answer(self, body):
+        """The bytes send(200, body, "application/json") writes, for a poll the room may answer.
+
+        The room calls this from the thread that changed it, so it reads nothing that belongs
+        to this request alone: room_may_answer() made sure there is nothing of that kind.
+        """
+        return http_answer(200, body, "application/json", (), self.server.common_headers)
+
+    def finish_answer(self, poll):
+        """Write what the room could not write at once of this poll's answer, if anything."""
+        if poll.error is not None:
+            raise poll.error  # the client has gone: one line in the log, as for any write
+        if poll.unsent:
+            self.write(poll.unsent)
 
     def post_message(self, query):
         """POST /api/messages {"text": ...}: check, rate-limit, save and announce a message."""
@@ -891,14 +1067,16 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
                 headers=[("Retry-After", str(max(1, math.ceil(wait))))],
                 retry_after=round(wait, 3), limit={"count": count, "seconds": seconds})
         try:
-            message = self.server.room.add_message(user, text)
+            message, claimed = self.server.room.add_message(user, text)
         except StorageError as error:
             self.server.limiter.refund(user.id)
             self.log_message("could not save a message: %s", error)
             raise RequestError(503, "The server could not save your message, so it was not "
                                     "sent. Please try again in a moment.",
                                headers=[("Retry-After", "1")]) from error
-        self.send_json(201, {"message": message})
+        # The sender hears first; then the same thread answers everyone who was waiting.
+        self.send_json(201, {"message": message},
+                       then=lambda: self.server.room.write_answers(claimed))
 
     def post_name(self, query):
         """POST /api/name {"name": ...}: change the name shown with your messages."""
@@ -911,8 +1089,9 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
             raise RequestError(400, "The name is empty.")
         if any(character in name for character in "\n\t"):
             raise RequestError(400, "A name must be on one line.")
-        self.server.room.rename(user, name)
-        self.send_json(200, {"you": user.public()})
+        claimed = self.server.room.rename(user, name)
+        self.send_json(200, {"you": user.public()},
+                       then=lambda: self.server.room.write_answers(claimed))
 
     # --- Who is asking -----------------------------------------------------------------------------
 
@@ -999,32 +1178,38 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
 
     # --- Writing an answer -------------------------------------------------------------------------
 
-    def send_json(self, status, value, headers=()):
-        self.send(status, encode_json(value), "application/json", headers)
+    def send_json(self, status, value, headers=(), then=None):
+        self.send(status, encode_json(value), "application/json", headers, then)
 
-    def send(self, status, body, content_type, headers=()):
-        """Write the status line, the headers and the body with a single write to the socket."""
-        lines = [
-            f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}",
-            f"Content-Type: {content_type}",
-            f"Content-Length: {len(body)}",
-            *self.server.common_headers,
-        ]
-        if not any(name == "Cache-Control" for name, _ in headers):
-            lines.append("Cache-Control: no-store")  # API answers are never reused from a cache
-        lines += [f"{name}: {value}" for name, value in headers]
-        if self.new_sid:
-            lines.append(f"Set-Cookie: {SESSION_COOKIE}={self.new_sid}; Max-Age={SESSION_MAX_AGE}; "
-                         "Path=/; HttpOnly; SameSite=Strict")
-            self.new_sid = None
+    def send(self, status, body, content_type, headers=(), then=None):
+        """Write an answer (status line, headers and body) with a single write to the socket.
+
+        `then`, if given, is called as soon as the answer is on its way: a post uses it to answer
+        the waiting polls. If our client's socket cannot take the whole answer at once, `then`
+        is called before the rest is written: a client that does not read cannot hold up the room.
+        """
         if self.body_pending:
             self.close_connection = True
-        if self.close_connection:
-            lines.append("Connection: close")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        self.wfile.write(head if self.command == "HEAD" else head + body)
+        if self.new_sid:
+            headers = [*headers, ("Set-Cookie", f"{SESSION_COOKIE}={self.new_sid}; "
+                                  f"Max-Age={SESSION_MAX_AGE}; Path=/; HttpOnly; SameSite=Strict")]
+            self.new_sid = None
+        answer = http_answer(status, body, content_type, headers, self.server.common_headers,
+                             close=self.close_connection, with_body=self.command != "HEAD")
+        if then is None:
+            self.write(answer)
+        else:
+            try:
+                answer = send_now(self.connection, answer)
+            finally:
+                then()
+            self.write(answer)
         if status >= 400:
             self.log_message('"%s" %s', self.requestline[:200], status)
+
+    def write(self, data):
+        """Write all of `data`, and drop a client that reads it too slowly (MIN_READ_RATE)."""
+        write_within(self.connection, data, self.server.request_timeout + len(data) / MIN_READ_RATE)
 
     def send_error(self, code, message=None, explain=None):
         """http.server calls this for requests it cannot parse; answer in JSON like the rest."""
@@ -1078,6 +1263,37 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         if self.headers.get("Expect", "").lower() == "100-continue":
             return self.handle_expect_100()  # curl asks this before sending a larger body
         return True
+
+
+def http_answer(status, body, content_type, headers, common_headers, close=False,
+                with_body=True):
+    """An HTTP answer as bytes: the status line, the headers, and (unless HEAD) the body.
+
+    Every answer the server writes is made here: by a handler for its own request, by the room
+    for a poll it answers (ChatHandler.poll_answer), by the accepting thread for a refusal.
+    """
+    reason = http.server.BaseHTTPRequestHandler.responses[status][0]
+    head = (f"HTTP/1.1 {status} {reason}\r\n"
+            f"Date: {http_date()}\r\n"
+            f"Content-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            f"{common_headers}")
+    if not any(name == "Cache-Control" for name, _ in headers):
+        head += "Cache-Control: no-store\r\n"  # API answers are never reused from a cache
+    for name, value in headers:
+        head += f"{name}: {value}\r\n"
+    if close:
+        head += "Connection: close\r\n"
+    head = (head + "\r\n").encode("latin-1")
+    return head + body if with_body else head
+
+
+def http_date(clock=[None, ""]):
+    """Now, as HTTP writes dates ("Tue, 01 Dec 2026 09:14:00 GMT"), made at most once a second."""
+    now = int(time.time())
+    if clock[0] != now:
+        clock[:] = [now, email.utils.formatdate(now, usegmt=True)]
+    return clock[1]
 
 
 def check_text(value, what, max_length):
@@ -1176,6 +1392,42 @@ def set_time_outs(connection, seconds):
     timeval = struct.pack("@ll", whole_seconds, microseconds)
     connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
     connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+
+
+def limit_unsent(connection):
+    """Let the kernel hold at most MAX_UNSENT bytes of our answers unsent on this connection.
+
+    With TCP_NOTSENT_LOWAT, a write waits (and a socket counts as writable) only once the
+    answers queued before it have mostly gone out. So a client that pipelines requests and
+    reads slowly has them answered one at a time, as fast as it reads, and not into a buffer of
+    megabytes. Where the option is missing (not Linux), the kernel's own limits apply.
+    """
+    if hasattr(socket, "TCP_NOTSENT_LOWAT"):
+        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, MAX_UNSENT)
+
+
+def write_within(connection, data, seconds):
+    """Write all of `data`, or raise TimeoutError once `seconds` have passed.
+
+    sendall() would do it, but each send() in it may wait a socket time-out anew: a client that
+    reads a little every few seconds could stretch one answer out for ever. The first send()
+    usually takes everything; if not, wait until the socket has room (poll(), with the time
+    left), send what fits without waiting, and so on until all is written or the time is up.
+    """
+    deadline = time.monotonic() + seconds
+    rest = memoryview(data)[connection.send(data):]  # waits at most one socket time-out
+    if rest and not ANSWERS_WITHOUT_WAITING:  # Windows: settimeout() bounds a whole sendall()
+        connection.sendall(rest)
+        return
+    if rest:
+        room_to_write = select.poll()
+        room_to_write.register(connection, select.POLLOUT)
+    while rest:
+        left = deadline - time.monotonic()
+        if left <= 0 or not room_to_write.poll(left * 1000):
+            # Not TimeoutError, which http.server would log as a request that timed out.
+            raise ConnectionAbortedError("the client did not read its answer in time")
+        rest = send_now(connection, rest)
 
 
 class Headers(dict):
@@ -1308,7 +1560,7 @@ class ChatServer(http.server.ThreadingHTTPServer):
         """A client that hangs up or stalls is normal: one line. Anything else: a traceback."""
         error = sys.exc_info()[1]
         if isinstance(error, CLIENT_WENT_AWAY):
-            log(f"{client_address[0]}: connection dropped ({type(error).__name__})")
+            log(f"{client_address[0]}: connection dropped ({type(error).__name__}: {error})")
         else:
             super().handle_error(request, client_address)
 
@@ -1331,10 +1583,8 @@ def start_thread(function, *arguments):
 def send_refusal(request, common_headers):
     """Tell a client we are full. Leaves the socket non-blocking, for discard_input()."""
     body = encode_json({"error": "The chat room is full right now. Please try again soon."})
-    lines = ["HTTP/1.1 503 Service Unavailable", "Content-Type: application/json",
-             f"Content-Length: {len(body)}", f"Retry-After: {BUSY_RETRY_AFTER}",
-             *common_headers, "Cache-Control: no-store", "Connection: close"]
-    answer = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+    answer = http_answer(503, body, "application/json", [("Retry-After", str(BUSY_RETRY_AFTER))],
+                         common_headers, close=True)
     try:
         request.setblocking(False)
         request.send(answer)  # a few hundred bytes: a new socket's buffer always has room
@@ -1356,7 +1606,8 @@ def discard_input(connection):
 
 
 def security_headers(page):
-    """Headers for every answer, with the hashes of the page's inline script and style."""
+    """The header lines every answer carries, with the hashes of the page's inline script and
+    style; joined once, here, as http_answer() writes them."""
     def hashes(tag):
         found = re.findall(rf"<{tag}>(.*?)</{tag}>".encode(), page, re.DOTALL)
         digests = [hashlib.sha256(block).digest() for block in found]
@@ -1364,11 +1615,9 @@ def security_headers(page):
             or "'none'"
 
     policy = CONTENT_SECURITY_POLICY.format(script=hashes("script"), style=hashes("style"))
-    return [
-        f"Content-Security-Policy: {policy}",
-        "X-Content-Type-Options: nosniff",
-        "Referrer-Policy: no-referrer",
-    ]
+    return (f"Content-Security-Policy: {policy}\r\n"
+            "X-Content-Type-Options: nosniff\r\n"
+            "Referrer-Policy: no-referrer\r\n")
 
 
 def allowed_hosts(host):

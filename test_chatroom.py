@@ -426,6 +426,290 @@ def test_markup_comes_back_verbatim(server):
 
 
 # --------------------------------------------------------------------------------------------------
+# The broadcast: the thread that changes the room writes every waiting page's answer
+# --------------------------------------------------------------------------------------------------
+# These pages keep one connection open, as a browser does: a poll's answer, written by the room,
+# and the next poll then travel on the same connection, to the same server thread.
+
+WAKE_BOUND = 5  # seconds within which parked pages must be answered (their time-out is 60 s)
+
+
+class Page:
+    """A page's poll loop on one keep-alive connection, with the cookie of its own person."""
+
+    def __init__(self, server):
+        self.client = new_client(server)
+        self.connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=HTTP_TIMEOUT)
+        self.seen = []  # ids of the messages it was sent, in the order they came
+
+    def poll(self, since, timeout=60, method="GET"):
+        """One poll on this page's connection; returns (status, headers, parsed answer or None)."""
+        self.connection.request(method, f"/api/poll?since={since}&timeout={timeout}",
+                                headers={"Cookie": f"sid={self.client.sid}"})
+        response = self.connection.getresponse()
+        body = response.read()
+        answer = json.loads(body) if body else None
+        if answer:
+            assert all(message["id"] > since for message in answer["messages"]), \
+                f"poll since={since} was answered with older messages: {answer['messages']}"
+            self.seen += [message["id"] for message in answer["messages"]]
+        return response.status, response.headers, answer
+
+    def close(self):
+        self.connection.close()
+
+
+def open_pages(server, count):
+    """`count` pages that have joined and are listed online; returns (pages, the room's version).
+
+    Waiting until everyone is listed means no arrival changes the room after this.
+    """
+    pages = [Page(server) for _ in range(count)]
+    ids = {page.client.join()["you"]["id"] for page in pages}
+    wait_until(lambda: ids <= {p["id"] for p in pages[0].client.poll(since=None)["online"]},
+               message="every page to be listed online")
+    return pages, pages[0].client.poll(since=None)["version"]
+
+
+def pages_polling(pages, since, timeout=60):
+    """Start one poll on each page in a thread; returns the threads and {page index: answer}."""
+    answers = {}
+
+    def run(index, page):
+        answers[index] = page.poll(since, timeout)[2]
+
+    threads = [threading.Thread(target=run, args=item, daemon=True) for item in enumerate(pages)]
+    for thread in threads:
+        thread.start()
+    return threads, answers
+
+
+def join_all(threads, within):
+    deadline = time.monotonic() + within
+    for thread in threads:
+        thread.join(max(0, deadline - time.monotonic()))
+    return sum(thread.is_alive() for thread in threads)
+
+
+def test_parked_pages_are_all_answered_and_woken_to_wait_again(start_server):
+    # Twenty pages park with a 60 s time-out; one post answers all of them at once. Then each asks
+    # again on the same connection, which its server thread reads only if the broadcast woke it:
+    # a second post must reach all twenty again.
+    server = start_server()
+    pages, version = open_pages(server, 20)
+    poster = new_client(server)
+    for round_ in range(2):
+        threads, answers = pages_polling(pages, version)
+        time.sleep(0.2)  # let the polls park (one that has not yet is answered at once: fine)
+        posted = poster.post(f"round {round_}")
+        assert posted.status == 201, posted.body
+        version = posted.json["message"]["id"]
+        waiting = join_all(threads, WAKE_BOUND)
+        assert waiting == 0, f"round {round_}: {waiting} of 20 parked pages had no answer " \
+                             f"{WAKE_BOUND} s after the post"
+        for index, answer in answers.items():
+            assert version in [m["id"] for m in answer["messages"]], f"page {index}: {answer}"
+            version = max(version, answer["version"])
+    for page in pages:
+        page.close()
+
+
+def test_sustained_posting_reaches_every_page_once_in_order(start_server):
+    # 30 pages keep polling on keep-alive connections while 40 people post 80 messages as fast as
+    # the rate limit lets them: every page sees every message exactly once, in order. (An answer
+    # written twice for one poll would be read as the answer to the page's next poll.)
+    server = start_server()
+    pages, start = open_pages(server, 30)
+    posters = [new_client(server) for _ in range(40)]
+    posted, done = [], threading.Event()
+    lock = threading.Lock()
+
+    def listen(page):
+        since = start
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (done.is_set() and since >= max(posted)):
+            status, _, answer = page.poll(since, timeout=5)
+            assert status == 200
+            since = answer["version"]
+
+    def post(people):
+        for _ in range(2):  # two each: within "at most 2 messages in 3 s"
+            for person in people:
+                response = person.post(f"sustained from {person.sid[:6]}")
+                assert response.status == 201, response.body
+                with lock:
+                    posted.append(response.json["message"]["id"])
+
+    listeners = [threading.Thread(target=listen, args=(page,), daemon=True) for page in pages]
+    writers = [threading.Thread(target=post, args=(posters[i::8],), daemon=True) for i in range(8)]
+    for thread in listeners + writers:
+        thread.start()
+    assert join_all(writers, 60) == 0, "posting did not finish"
+    done.set()
+    assert join_all(listeners, 60) == 0, "some pages never caught up"
+    expected = sorted(posted)
+    assert len(expected) == 80
+    for index, page in enumerate(pages):
+        ours = [i for i in page.seen if i in set(expected)]
+        assert ours == expected, f"page {index} saw {len(ours)} messages, duplicates " \
+                                 f"{len(ours) - len(set(ours))}, expected {len(expected)} in order"
+        page.close()
+
+
+def test_the_room_writes_what_the_polls_own_thread_would(start_server):
+    # A parked poll answered by the room, and the same poll answered by its own thread (asked
+    # again once the message is there): the same bytes, headers included.
+    server = start_server()
+    alice, bob = new_client(server), new_client(server)
+    since = bob.join()["version"]
+    wait_until_online(bob)  # so no arrival changes the room between the two answers
+    since = bob.poll(since=None)["version"]
+    request = http_request("GET", f"/api/poll?since={since}&timeout=60",
+                           {"Host": f"127.0.0.1:{server.port}", "Cookie": f"sid={bob.sid}"})
+    for _ in range(3):  # the Date header may tick between the two answers: then try again
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as parked:
+            parked.sendall(request)
+            time.sleep(0.2)  # parked
+            assert alice.post("the same either way").status == 201
+            by_room = parked.recv(65536)
+        by_own_thread = exchange_raw(server.port, request)
+        if by_room == by_own_thread:
+            break
+        assert by_room.split(b"\r\nDate: ")[0] == by_own_thread.split(b"\r\nDate: ")[0]
+    assert by_room == by_own_thread, (by_room, by_own_thread)
+    assert b"Set-Cookie" not in by_room and b"Connection: close" not in by_room
+
+
+def exchange_raw(port, data):
+    """Send one request on a new connection; return the bytes of its answer, exactly."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        connection.sendall(data)
+        reader = connection.makefile("rb")
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            head += reader.readline()
+        length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+        return head + reader.read(length)
+
+
+def test_head_and_cookieless_polls_are_answered_by_their_own_thread(start_server):
+    # A parked HEAD poll gets the head of the answer and no body; a parked poll without a cookie
+    # gets the message and its cookie. Both connections then serve another request, which would
+    # be read wrong after a body that HEAD does not expect.
+    server = start_server()
+    poster = new_client(server)
+    (page,), since = open_pages(server, 1)
+    host = {"Host": f"127.0.0.1:{server.port}"}
+    head = socket.create_connection(("127.0.0.1", server.port), timeout=HTTP_TIMEOUT)
+    stranger = socket.create_connection(("127.0.0.1", server.port), timeout=HTTP_TIMEOUT)
+    head.sendall(http_request("HEAD", f"/api/poll?since={since}&timeout=60",
+                              {**host, "Cookie": f"sid={page.client.sid}"}))
+    stranger.sendall(http_request("GET", f"/api/poll?since={since}&timeout=60", host))
+    time.sleep(0.2)  # parked
+    message_id = poster.post("for HEAD and the stranger").json["message"]["id"]
+    with head, stranger, head.makefile("rb") as head_answers, \
+            stranger.makefile("rb") as stranger_answers:
+        status, headers, body = read_answer(head_answers, "HEAD")
+        assert status == 200 and body == b"" and int(headers["content-length"]) > 0
+        status, headers, body = read_answer(stranger_answers)
+        assert status == 200 and "sid=" in headers["set-cookie"]
+        assert message_id in [m["id"] for m in json.loads(body)["messages"]]
+        for connection, answers in ((head, head_answers), (stranger, stranger_answers)):
+            connection.sendall(http_request("GET", "/api/poll?timeout=0", host))
+            assert read_answer(answers)[0] == 200  # the next answer starts where it should
+    page.close()
+
+
+def test_a_page_that_never_reads_delays_no_one(start_server):
+    # One page asks for 40 polls ahead, each for the next version, with a tiny receive buffer,
+    # and never reads: the room's writes to it soon find its socket full. Meanwhile 40 large
+    # messages are posted, one after another on one connection (the thread that answers a post
+    # writes the broadcast before it reads the next post): all are posted and reach five other
+    # pages while it is still connected, and it is dropped once a write to it has waited the
+    # request time-out.
+    server = start_server("--request-timeout", "3")
+    people = [new_client(server) for _ in range(20)]
+    pages, since = open_pages(server, 6)
+    hog = pages.pop().client
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    stalled.connect(("127.0.0.1", server.port))
+    stalled.sendall(b"".join(
+        http_request("GET", f"/api/poll?since={since + n}&timeout=60",
+                     {"Host": "127.0.0.1", "Cookie": f"sid={hog.sid}"}) for n in range(40)))
+    posted = []
+
+    def keep_listening(page):
+        version = since
+        while len(posted) < 40 or not set(posted) <= set(page.seen):
+            version = page.poll(version, timeout=5)[2]["version"]
+
+    listeners = [threading.Thread(target=keep_listening, args=(page,), daemon=True)
+                 for page in pages]
+    for thread in listeners:
+        thread.start()
+    time.sleep(0.2)  # parked
+    posting = http.client.HTTPConnection("127.0.0.1", server.port, timeout=HTTP_TIMEOUT)
+    for person in people * 2:
+        posting.request("POST", "/api/messages", json.dumps({"text": "x" * 1900}),
+                        {"Cookie": f"sid={person.sid}", "Content-Type": "application/json"})
+        response = posting.getresponse()
+        assert response.status == 201, response.read()
+        posted.append(json.loads(response.read())["message"]["id"])
+    assert join_all(listeners, 20) == 0, "the other pages did not get every message"
+    assert "connection dropped" not in server.output(), \
+        "the posts and the other pages waited until the stalled page was dropped"
+    wait_until(lambda: "connection dropped" in server.output(), timeout=30,
+               message="the stalled page to be dropped")
+    stalled.close()
+    posting.close()
+    for page in pages:
+        page.close()
+
+
+def test_posts_during_shutdown_are_acknowledged_and_delivered_or_refused(start_server):
+    # Pages are parked and people are posting when the server is told to stop. Every post gets
+    # a whole 201 (and its message is there after a restart, and reached the pages that were
+    # answered with later versions), or no answer, or a refusal: never half an answer.
+    server = start_server()
+    pages, since = open_pages(server, 10)
+    threads, answers = pages_polling(pages, since)
+    posters = [new_client(server) for _ in range(10)]
+    outcomes = {}
+
+    def post(person):
+        data = http_request("POST", "/api/messages",
+                            {"Host": f"127.0.0.1:{server.port}", "Cookie": f"sid={person.sid}",
+                             "Content-Type": "application/json"},
+                            json.dumps({"text": f"at shutdown {person.sid[:6]}"}).encode())
+        try:
+            outcomes[person.sid] = exchange(server.port, data)
+        except (OSError, AssertionError) as error:
+            outcomes[person.sid] = error
+
+    time.sleep(0.2)
+    writers = [threading.Thread(target=post, args=(person,), daemon=True) for person in posters]
+    for thread in writers:
+        thread.start()
+    assert server.stop(signal.SIGTERM) == 0
+    assert join_all(writers + threads, 20) == 0
+    acknowledged = []
+    for sid, outcome in outcomes.items():
+        assert not isinstance(outcome, AssertionError), f"a half-written answer: {outcome}"
+        if isinstance(outcome, tuple) and outcome[0] == 201:
+            acknowledged.append(json.loads(outcome[2])["message"]["id"])
+        else:
+            assert isinstance(outcome, OSError) or outcome[0] in (0, 503), outcome
+    server.start()
+    stored = {m["id"] for m in Client(server).poll(since=since, timeout=0)["messages"]}
+    assert set(acknowledged) <= stored, "an acknowledged message was lost"
+    for index, answer in answers.items():
+        delivered = {m["id"] for m in answer["messages"]}
+        assert {i for i in acknowledged if i <= answer["version"]} <= delivered, \
+            f"page {index} was answered with version {answer['version']} but not every message"
+
+
+# --------------------------------------------------------------------------------------------------
 # Names
 # --------------------------------------------------------------------------------------------------
 
@@ -1064,6 +1348,52 @@ def test_a_client_that_never_reads_its_answers_is_dropped(start_server):
             assert someone_else.poll(since=None, timeout=0)["version"] >= 0
         assert dropped, "a client that never reads was never dropped"
     assert "connection dropped" in server.output()
+
+
+def send_queue(server, connection):
+    """Bytes the server's kernel holds, sent or not, for the other end of `connection` (Linux)."""
+    client_port = connection.getsockname()[1]
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = fields[1], fields[2]
+        if int(local.split(":")[1], 16) == server.port and \
+                int(remote.split(":")[1], 16) == client_port:
+            return int(fields[4].split(":")[0], 16)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads /proc/net/tcp (Linux)")
+def test_a_client_that_pipelines_and_never_reads_ties_up_little_memory(start_server):
+    # A client asks for the chime 200 times in one go and reads nothing: the server answers one
+    # at a time, as the client reads, and keeps at most MAX_UNSENT bytes of them queued (the
+    # kernel alone would queue megabytes).
+    server = start_server()
+    with socket.create_connection(("127.0.0.1", server.port)) as connection:
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        connection.sendall(http_request("GET", "/chime.wav", {"Host": "127.0.0.1"}) * 200)
+        time.sleep(1)
+        queued = send_queue(server, connection)
+        assert queued is not None and queued <= 2 * chatroom.MAX_UNSENT, \
+            f"{queued} bytes queued for a client that reads nothing"
+
+
+def test_a_client_that_reads_a_trickle_is_dropped(start_server):
+    # A client asks for the chime many times and reads 512 bytes every quarter second (2 KB/s):
+    # each answer must be read within the request time-out (1 s) plus a second per MIN_READ_RATE
+    # bytes, so it is dropped within a few seconds, though every write makes some progress.
+    server = start_server("--request-timeout", "1")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=1) as connection:
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        connection.sendall(http_request("GET", "/chime.wav", {"Host": "127.0.0.1"}) * 50)
+        deadline = time.monotonic() + 15
+        while "connection dropped" not in server.output() and time.monotonic() < deadline:
+            try:
+                connection.recv(512)
+            except socket.timeout:
+                pass
+            time.sleep(0.25)
+    assert "connection dropped" in server.output(), "a client reading a trickle was never dropped"
+    assert "did not read its answer in time" in server.output()
 
 
 def test_request_timeout_flag_is_listed_in_help(tmp_path):
