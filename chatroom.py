@@ -13,25 +13,29 @@ Long-polling in one paragraph
 The room has a *version*: a number that grows by one whenever anything in the room changes (a new
 message, a new name, someone arriving or leaving). A page asks `GET /api/poll?since=41`, meaning
 "I have seen everything up to version 41: what is new?". If the room is already past 41, the server
-answers at once. If not, it does not answer yet: the request is *parked*. Its thread waits on a
-threading.Condition until another thread changes the room and wakes it, or until a time-out (25 s)
-passes. Either way it answers, and the page at once asks again with the newest version it has. So
-a message reaches every open page within milliseconds, while an idle page costs one request every
-25 seconds: no WebSockets, and no asking every second "anything new?".
+answers at once. If not, it does not answer yet: the request is *parked*. The room keeps a list of
+the pending polls, and the poll's thread waits on a threading.Condition. When another thread
+changes the room (say, to add a message), that thread uses the list to answer every pending poll
+itself, writing each answer straight to its socket, and then wakes the parked threads, which go
+back to reading their connection's next request. If nothing changes for 25 s, the poll's own
+thread answers "nothing new". Either way the page at once asks again with the newest version it
+has. So a message reaches every open page within milliseconds, while an idle page costs one
+request every 25 seconds: no WebSockets, and no asking every second "anything new?".
 
     page A                              server                             page B
-    GET /api/poll?since=41  ------->    nothing newer: park A's thread
+    GET /api/poll?since=41  ------->    nothing newer: add it to the pending polls, park A's thread
                                                           <-------  POST /api/messages {"text": "hi"}
-                                        save "hi" as version 42,
-                                        then wake the parked threads
+                                        B's thread saves "hi" as version 42,
                                                           ------->  201 {"message": {"id": 42, ...}}
+                                        then writes every pending answer:
             <-------  200 {"version": 42, "messages": [{"id": 42, "text": "hi", ...}]}
-    GET /api/poll?since=42  ------->    park again
+                                        and wakes A's thread, which reads A's next request:
+    GET /api/poll?since=42  ------->    nothing newer: park again
 
 How this file is organised
 --------------------------
 1. Settings: every number that shapes the room, with its unit and the reason for its value.
-2. The room: its version, the Condition parked polls wait on, and how a change wakes them.
+2. The room: its version, the list of pending polls, and how a change answers them.
 3. Presence: who is online.
 4. Identity: the cookie that says who you are, and the name you chose.
 5. Rate limiting: how often one person may post.
