@@ -621,14 +621,14 @@ def test_head_and_cookieless_polls_are_answered_by_their_own_thread(start_server
 
 
 def test_a_page_that_never_reads_delays_no_one(start_server):
-    # One page asks for 40 polls ahead, each for the next version, with a tiny receive buffer,
-    # and never reads: the room's writes to it soon find its socket full. Meanwhile 40 large
-    # messages are posted, one after another on one connection (the thread that answers a post
-    # writes the broadcast before it reads the next post): all are posted and reach five other
-    # pages while it is still connected, and it is dropped once a write to it has waited the
-    # request time-out.
-    server = start_server("--request-timeout", "3")
-    people = [new_client(server) for _ in range(20)]
+    # One page asks for 24 polls ahead, each for the next version, with a tiny receive buffer,
+    # and never reads: the room's writes to it soon find its socket full (after a dozen). Then 24
+    # large messages are posted, one after another on one connection (the thread that answers a
+    # post writes the broadcast before it reads the next post): all are posted and reach five
+    # other pages while it is still connected, and it is dropped once a write to it has waited
+    # the request time-out.
+    server = start_server("--request-timeout", "5")
+    people = [new_client(server) for _ in range(12)]
     pages, since = open_pages(server, 6)
     hog = pages.pop().client
     stalled = socket.socket()
@@ -636,12 +636,12 @@ def test_a_page_that_never_reads_delays_no_one(start_server):
     stalled.connect(("127.0.0.1", server.port))
     stalled.sendall(b"".join(
         http_request("GET", f"/api/poll?since={since + n}&timeout=60",
-                     {"Host": "127.0.0.1", "Cookie": f"sid={hog.sid}"}) for n in range(40)))
+                     {"Host": "127.0.0.1", "Cookie": f"sid={hog.sid}"}) for n in range(24)))
     posted = []
 
     def keep_listening(page):
         version = since
-        while len(posted) < 40 or not set(posted) <= set(page.seen):
+        while len(posted) < 24 or not set(posted) <= set(page.seen):
             version = page.poll(version, timeout=5)[2]["version"]
 
     listeners = [threading.Thread(target=keep_listening, args=(page,), daemon=True)
