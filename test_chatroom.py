@@ -8,6 +8,7 @@ restart them. Waits are bounded: a test that would hang fails instead.
 """
 
 import base64
+import gzip
 import hashlib
 import http.client
 import json
@@ -16,6 +17,7 @@ import random
 import re
 import secrets
 import select
+import shutil
 import signal
 import socket
 import sqlite3
@@ -47,11 +49,12 @@ HTTP_TIMEOUT = 70  # seconds any single request may take (the longest poll is 60
 # --------------------------------------------------------------------------------------------------
 
 class Server:
-    """A chatroom.py process listening on 127.0.0.1 on a free port."""
+    """A chatroom.py process listening on 127.0.0.1 on a free port (ours, or a copy `script`)."""
 
-    def __init__(self, folder, *flags, data=None):
+    def __init__(self, folder, *flags, data=None, script=CHATROOM):
         self.folder = Path(folder)
         self.data = Path(data) if data else self.folder / "chat.db"
+        self.script = script
         self.flags = list(flags)
         self.process = None
         self.start()
@@ -60,7 +63,7 @@ class Server:
         self.log_path = self.folder / f"server-{time.monotonic_ns()}.log"
         self.log = open(self.log_path, "w")
         self.process = subprocess.Popen(
-            [sys.executable, str(CHATROOM), "--host", "127.0.0.1", "--port", str(port),
+            [sys.executable, str(self.script), "--host", "127.0.0.1", "--port", str(port),
              "--data", str(self.data), *self.flags],
             stdout=self.log, stderr=subprocess.STDOUT, cwd=self.folder)
         deadline = time.monotonic() + START_TIMEOUT
@@ -241,6 +244,83 @@ def test_page_and_chime_are_served(server):
     chime = client.request("GET", "/chime.wav")
     assert chime.status == 200 and chime.headers["Content-Type"] == "audio/wav"
     assert chime.body[:4] == b"RIFF" and len(chime.body) < 100_000
+
+
+def get_page(port, **headers):
+    """GET / with exactly these headers (and Host): (status, headers, body)."""
+    return exchange(port, http_request("GET", "/", {"Host": "127.0.0.1", **headers}))
+
+
+@pytest.mark.parametrize("accept, gzipped", [
+    ("gzip, deflate, br, zstd", True), ("GZIP", True), ("br;q=1.0, gzip;q=0.5", True), ("*", True),
+    ("x-gzip", True), (None, False), ("identity", False), ("gzip;q=0", False),
+    ("deflate, *;q=0", False), ("*, gzip;q=0.000", False),
+])
+def test_the_page_is_gzipped_for_clients_that_accept_it(server, accept, gzipped):
+    # A browser that accepts gzip gets the page compressed, one that does not gets it as it is,
+    # and both answers say that they depend on Accept-Encoding, so a cache keeps them apart.
+    plain = Client(server).request("GET", "/").body
+    status, headers, body = get_page(server.port, **({"Accept-Encoding": accept} if accept else {}))
+    assert status == 200
+    assert headers.get("vary") == "Accept-Encoding", headers
+    if gzipped:
+        assert headers.get("content-encoding") == "gzip", (accept, headers)
+        assert gzip.decompress(body) == plain and len(body) < len(plain) / 2
+    else:
+        assert "content-encoding" not in headers and body == plain, (accept, headers)
+
+
+def test_a_page_the_browser_has_is_confirmed_with_304(server):
+    # A browser that has the page asks again with its ETag in If-None-Match: a 304 with no body,
+    # the same ETag, Cache-Control and Vary. Each encoding has its own ETag, and a tag for
+    # something else gets the whole page.
+    _, plain, page = get_page(server.port)
+    _, zipped, _ = get_page(server.port, **{"Accept-Encoding": "gzip"})
+    tag, gzip_tag = plain["etag"], zipped["etag"]
+    assert re.fullmatch(r'"[!#-~]+"', tag) and re.fullmatch(r'"[!#-~]+"', gzip_tag), (tag, gzip_tag)
+    assert tag != gzip_tag, "the compressed page has the same ETag as the plain one"
+    gzip_ok = {"Accept-Encoding": "gzip"}
+    for headers, sent, expected in [({}, tag, tag), (gzip_ok, gzip_tag, gzip_tag),
+                                    ({}, "W/" + tag, tag), ({}, f'"old", {tag}', tag), ({}, "*", tag)]:
+        # A second request follows on the same connection: had the 304 a body, it would be read
+        # as the second answer's status line.
+        answers = answers_to(server.port, http_request(
+            "GET", "/", {"Host": "127.0.0.1", **headers, "If-None-Match": sent})
+            + http_request("GET", "/nowhere", {"Host": "127.0.0.1", "Connection": "close"}))
+        assert [status for status, _, _ in answers] == [304, 404], (sent, answers)
+        answer = answers[0][1]
+        assert answer.get("etag") == expected, (sent, answer)
+        assert answer.get("cache-control") == "no-cache" and answer.get("vary") == "Accept-Encoding"
+        assert "content-length" not in answer and "content-encoding" not in answer, answer
+    for headers, sent in [({}, '"old"'), ({}, gzip_tag), (gzip_ok, tag)]:
+        status, answer, body = get_page(server.port, **headers, **{"If-None-Match": sent})
+        assert status == 200 and answer["etag"] != sent and body, (sent, status)
+
+
+def test_a_changed_page_gets_a_new_etag(tmp_path):
+    # The same page keeps its ETag across a restart; a changed page (an upgrade) gets new ones,
+    # so a browser's copy of the old page is not confirmed with a 304.
+    upgraded = tmp_path / "upgraded"
+    upgraded.mkdir()
+    for name in ("chatroom.py", "chime.wav"):
+        shutil.copy(ROOT / name, upgraded)
+    (upgraded / "index.html").write_bytes(
+        (ROOT / "index.html").read_bytes().replace(b"<h1>Chat room</h1>", b"<h1>Chat room!</h1>"))
+    old, new = Server(tmp_path), Server(upgraded, script=upgraded / "chatroom.py")
+    try:
+        tags = {}
+        for which, running in (("old", old), ("new", new)):
+            for coding in ("identity", "gzip"):
+                tags[which, coding] = get_page(running.port, **{"Accept-Encoding": coding})[1]["etag"]
+        old.restart()
+        assert get_page(old.port)[1]["etag"] == tags["old", "identity"], "the ETag changed by itself"
+        assert tags["new", "identity"] != tags["old", "identity"]
+        assert tags["new", "gzip"] != tags["old", "gzip"]
+        status, _, body = get_page(new.port, **{"If-None-Match": tags["old", "identity"]})
+        assert status == 200 and b"Chat room!" in body
+    finally:
+        old.stop()
+        new.stop()
 
 
 @pytest.mark.parametrize("path", ["/index.html", "/chatroom.py", "/../chatroom.py",
@@ -823,7 +903,7 @@ def read_answer(source, method="GET"):
             status = int(found.group(1))
             if status != 100:
                 break
-        if method == "HEAD":
+        if method == "HEAD" or status == 304:  # these never have a body, whatever the headers say
             return status, headers, b""
         length = int(headers["content-length"])
         body = reader.read(length)
