@@ -286,8 +286,8 @@ def test_a_page_the_browser_has_is_confirmed_with_304(server):
     assert re.fullmatch(r'"[!#-~]+"', tag) and re.fullmatch(r'"[!#-~]+"', gzip_tag), (tag, gzip_tag)
     assert tag != gzip_tag, "the compressed page has the same ETag as the plain one"
     gzip_ok = {"Accept-Encoding": "gzip"}
-    for headers, sent, expected in [({}, tag, tag), (gzip_ok, gzip_tag, gzip_tag),
-                                    ({}, "W/" + tag, tag), ({}, f'"old", {tag}', tag), ({}, "*", tag)]:
+    for headers, sent, expected in [({}, tag, tag), (gzip_ok, gzip_tag, gzip_tag), ({}, "*", tag),
+                                    ({}, "W/" + tag, tag), ({}, f'"old", {tag}', tag)]:
         # A second request follows on the same connection: had the 304 a body, it would be read
         # as the second answer's status line.
         answers = answers_to(server.port, http_request(
@@ -317,9 +317,10 @@ def test_a_changed_page_gets_a_new_etag(tmp_path):
         tags = {}
         for which, running in (("old", old), ("new", new)):
             for coding in ("identity", "gzip"):
-                tags[which, coding] = get_page(running.port, **{"Accept-Encoding": coding})[1]["etag"]
+                answer = get_page(running.port, **{"Accept-Encoding": coding})[1]
+                tags[which, coding] = answer["etag"]
         old.restart()
-        assert get_page(old.port)[1]["etag"] == tags["old", "identity"], "the ETag changed by itself"
+        assert get_page(old.port)[1]["etag"] == tags["old", "identity"], "the ETag changed alone"
         assert tags["new", "identity"] != tags["old", "identity"]
         assert tags["new", "gzip"] != tags["old", "gzip"]
         status, _, body = get_page(new.port, **{"If-None-Match": tags["old", "identity"]})
@@ -1751,8 +1752,9 @@ def test_fuzzing_never_breaks_the_room(start_server):
 # --------------------------------------------------------------------------------------------------
 # The page in a real browser
 # --------------------------------------------------------------------------------------------------
-# Headless Debian Chromium driven by Playwright: one browser for the whole session, one browser context (own cookies and storage) per simulated person. Long-polling
-# means the network is never idle, so waits are on things a person would see.
+# Headless Debian Chromium driven by Playwright: one browser for the whole session, one browser
+# context (own cookies and storage) per simulated person. Long-polling means the network is never
+# idle, so waits are on things a person would see.
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -2394,13 +2396,16 @@ MARKS_OF_CONTROLS = """() => {
     ["placeholder", getComputedStyle(box, "::placeholder").color, behind(box), 4.5],
   ];
   for (const button of document.querySelectorAll("button")) {
-    pairs.push([`#${button.id} edge`, style(button).borderTopColor, behind(button.parentElement), 3]);
+    pairs.push([`#${button.id} edge`, style(button).borderTopColor,
+                behind(button.parentElement), 3]);
   }
   return pairs;
 }"""
 FOCUS_RING = """() => {
   const element = document.activeElement;
-  let under = getComputedStyle(element).outlineOffset.startsWith("-") ? element : element.parentElement;
+  // Drawn outside the element, it lies on the parent's background; drawn inside, on its own.
+  let under = getComputedStyle(element).outlineOffset.startsWith("-") ? element
+                                                                     : element.parentElement;
   while (getComputedStyle(under).backgroundColor === "rgba(0, 0, 0, 0)" && under.parentElement) {
     under = under.parentElement;
   }
@@ -2422,7 +2427,7 @@ def test_focus_rings_and_borders_stand_out(browser_room, people, scheme):
     pairs = page.evaluate(MARKS_OF_CONTROLS)
     page.locator("#name-input").press("Escape")
     page.locator("h1").click()
-    for _ in range(6):
+    for _ in ("log", "text", "send", "mute", "name-button"):
         page.keyboard.press("Tab")
         pairs.append(page.evaluate(FOCUS_RING))
     weak = [f"{what}: {colour} on {under} is {colour_ratio(colour, under):.2f}:1, needs {needed}"
@@ -2451,6 +2456,19 @@ def axe_violations(page):
     return [f"{rule['id']} ({rule['help']}): "
             + ", ".join(" ".join(node["target"]) for node in rule["nodes"])
             for rule in page.evaluate("window.__audit")["violations"]]
+
+
+def hit_the_rate_limit(person):
+    """Post until the room says to slow down (2 in 3 s, 3 in 10 s: the third or fourth)."""
+    box, notice = person.page.locator("#text"), person.page.locator("#notice-text")
+    sent_or_refused = person.page.locator("#text:placeholder-shown, #notice-text:not(:empty)")
+    for number in range(4):
+        box.fill(f"Quick message #{number}")
+        box.press("Enter")
+        expect(sent_or_refused).not_to_have_count(0)
+        if notice.text_content():
+            break
+    expect(notice).to_contain_text("Slow down")
 
 
 def test_axe_finds_nothing_in_any_state(start_server, people):
@@ -2491,19 +2509,6 @@ def test_axe_finds_nothing_in_any_state(start_server, people):
     audit("rate-limit notice")
     assert found == {}, "\n".join(f"{where}: {line}" for where, lines in found.items()
                                   for line in lines)
-
-
-def hit_the_rate_limit(person):
-    """Post until the room says to slow down (2 in 3 s, 3 in 10 s: the third or fourth)."""
-    box, notice = person.page.locator("#text"), person.page.locator("#notice-text")
-    sent_or_refused = person.page.locator("#text:placeholder-shown, #notice-text:not(:empty)")
-    for number in range(4):
-        box.fill(f"Quick message #{number}")
-        box.press("Enter")
-        expect(sent_or_refused).not_to_have_count(0)
-        if notice.text_content():
-            break
-    expect(notice).to_contain_text("Slow down")
 
 
 def assert_visibly_focused(page):
@@ -2594,7 +2599,8 @@ def test_what_a_screen_reader_hears(browser_room, people):
     field.press("Enter")
     expect(page.locator("#name-notice")).to_have_text("The name is empty.")
     expect(field).to_have_attribute("aria-invalid", "true")
-    expect(field).to_have_accessible_description(re.compile(r"Escape cancels\. The name is empty\."))
+    expect(field).to_have_accessible_description(
+        re.compile(r"Escape cancels\. The name is empty\."))
     field.press("Escape")
     page.locator("#name-button").click()
     expect(field).not_to_have_attribute("aria-invalid", "true")
