@@ -50,6 +50,7 @@ import base64
 import collections
 import contextlib
 import email.utils
+import gzip
 import hashlib
 import http
 import http.server
@@ -87,6 +88,8 @@ DEFAULT_REQUEST_TIMEOUT = 10  # seconds from the end of one answer until the nex
 BUSY_RETRY_AFTER = 5  # seconds we ask a refused client to wait before trying again
 REFUSAL_LINGER = 2.0  # seconds a refused connection stays open so the client can read our 503
 MAX_LINGERING = 256  # refused connections kept open at once for that; past it they close at once
+PAGE_GZIP_LEVEL = 9  # the page is compressed once, at start-up, so the smallest (slowest) level
+#                      costs nothing per request
 
 # Long-polling.
 DEFAULT_POLL_TIMEOUT = 25  # seconds a poll stays parked; well under the ~60 s after which proxies
@@ -1001,8 +1004,24 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
     # --- The routes ------------------------------------------------------------------------------
 
     def get_page(self, query):
-        """GET /: the page, index.html."""
-        self.send(200, self.server.page, "text/html; charset=utf-8", [("Cache-Control", "no-cache")])
+        """GET /: the page, index.html, gzip-compressed for a browser that accepts it.
+
+        "no-cache" lets the browser keep the page, but it must ask before using it again: it
+        sends the ETag it has in If-None-Match, and if the page is still the same the answer is
+        a 304 with no body. So a reload costs a few hundred bytes, and a new page after an
+        upgrade is seen at once.
+        """
+        coding = "gzip" if accepts_gzip(self.headers.get("Accept-Encoding", "")) else "identity"
+        body, etag = self.server.page[coding]
+        # Vary: a cache must not hand the gzip answer to a client that did not ask for it. These
+        # three go in a 304 too, to refresh what the browser has stored (RFC 9110 15.4.5).
+        headers = [("Cache-Control", "no-cache"), ("Vary", "Accept-Encoding"), ("ETag", etag)]
+        if none_match(self.headers.get("If-None-Match"), etag):
+            self.send(304, b"", None, headers)
+            return
+        if coding == "gzip":
+            headers.append(("Content-Encoding", "gzip"))
+        self.send(200, body, "text/html; charset=utf-8", headers)
 
     def get_chime(self, query):
         """GET /chime.wav: the sound the page plays for someone else's message."""
@@ -1277,11 +1296,10 @@ def http_answer(status, body, content_type, headers, common_headers, close=False
     for a poll it answers (ChatHandler.poll_answer), by the accepting thread for a refusal.
     """
     reason = http.server.BaseHTTPRequestHandler.responses[status][0]
-    head = (f"HTTP/1.1 {status} {reason}\r\n"
-            f"Date: {http_date()}\r\n"
-            f"Content-Type: {content_type}\r\n"
-            f"Content-Length: {len(body)}\r\n"
-            f"{common_headers}")
+    head = f"HTTP/1.1 {status} {reason}\r\nDate: {http_date()}\r\n"
+    if status != 304:  # a 304 has no body, so nothing for these to describe (RFC 9110 8.6)
+        head += f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+    head += common_headers
     if not any(name == "Cache-Control" for name, _ in headers):
         head += "Cache-Control: no-store\r\n"  # API answers are never reused from a cache
     for name, value in headers:
@@ -1333,6 +1351,34 @@ def cookie_value(header, name):
         if key == name:
             return value
     return None
+
+
+def accepts_gzip(header):
+    """Whether an Accept-Encoding header allows gzip: named, or covered by "*", and not q=0.
+
+    "gzip, deflate, br" says yes; "gzip;q=0" and "identity" say no. No header at all gets the
+    page as it is: RFC 9110 (12.5.3) then allows any coding, but a client that sent none may not
+    undo it (curl without --compressed would print the compressed bytes).
+    """
+    weights = {}
+    for item in header.lower().split(","):
+        coding, _, parameters = item.partition(";")
+        weight = re.fullmatch(r"\s*q\s*=\s*([01](?:\.[0-9]{0,3})?)\s*", parameters)
+        weights[coding.strip()] = float(weight.group(1)) if weight else 1.0
+    return weights.get("gzip", weights.get("x-gzip", weights.get("*", 0))) > 0
+
+
+def none_match(header, etag):
+    """Whether If-None-Match names `etag`, so that the client already has it (RFC 9110 13.1.2).
+
+    The header lists entity tags ("a", W/"b") or says "*", anything. The comparison is weak
+    (W/ is ignored), as RFC 9110 asks for If-None-Match.
+    """
+    if header is None:
+        return False
+    if header.strip() == "*":
+        return True
+    return etag in re.findall(r'(?:W/)?("[^"]*")', header)
 
 
 class RequestReader(io.RawIOBase):
@@ -1472,7 +1518,7 @@ class ChatServer(http.server.ThreadingHTTPServer):
         self.room = room
         self.sessions = sessions
         self.limiter = limiter
-        self.page = page
+        self.page = representations(page)
         self.chime = chime
         self.poll_timeout = poll_timeout
         self.max_clients = max_clients
@@ -1622,6 +1668,18 @@ def security_headers(page):
     return (f"Content-Security-Policy: {policy}\r\n"
             "X-Content-Type-Options: nosniff\r\n"
             "Referrer-Policy: no-referrer\r\n")
+
+
+def representations(page):
+    """The page as it can be sent, each with its ETag: {"identity": (body, etag), "gzip": ...}.
+
+    Both are made once, at start-up, as the page never changes while the server runs. Each ETag
+    is a hash of exactly the bytes sent: a strong validator (RFC 9110 8.8.3), different for the
+    two encodings, and different as soon as the page is changed.
+    """
+    compressed = gzip.compress(page, compresslevel=PAGE_GZIP_LEVEL, mtime=0)
+    return {coding: (body, '"' + hashlib.sha256(body).hexdigest()[:32] + '"')
+            for coding, body in (("identity", page), ("gzip", compressed))}
 
 
 def allowed_hosts(host):
