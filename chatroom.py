@@ -195,9 +195,10 @@ class Room:
     a page sees only ever grow.
     """
 
-    def __init__(self, storage, presence):
+    def __init__(self, storage, presence, log_polls=False):
         self.storage = storage
         self.presence = presence
+        self.log_polls = log_polls  # print the life of each poll (--log-polls), for learners
         self.version = storage.load_version()
         self.online = []  # [{"id": ..., "name": ...}] as last announced
         self.online_version = self.version  # the version at which `online` last changed
@@ -229,7 +230,7 @@ class Room:
             self.presence.touch(poll.user)
             self._count_parked(poll)
         try:
-            if self._park(poll):
+            if timeout > 0 and self._park(poll):
                 self.wait_for_change(poll, timeout)
         finally:
             if present:
@@ -244,6 +245,9 @@ class Room:
             if poll.since != self.version or self.closing:
                 return False  # behind (or ahead, or we are stopping): answer it at once
             self._pending[poll] = None
+            if self.log_polls:
+                log(f"poll parked: {poll.user.name}, since version {poll.since} "
+                    f"({len(self._pending)} waiting)")
             return True
 
     def wait_for_change(self, poll, timeout):
@@ -265,6 +269,9 @@ class Room:
                     if remaining <= 0 or self.closing:
                         del self._pending[poll]
                         poll.writer = POLL_WRITES
+                        if self.log_polls and not self.closing:
+                            log(f"poll timed out after {timeout:g} s: {poll.user.name}, "
+                                f"nothing new since version {poll.since}")
                         return
                 else:
                     # The room is writing our answer: never for long, as write_answers() waits
@@ -347,6 +354,7 @@ class Room:
         lock held, so other posts and polls go on meanwhile.
         """
         answers = {}  # since -> the answer's body without "you": one per `since` in this broadcast
+        started, version = time.perf_counter(), self.version
         try:
             for poll in claimed:
                 if poll.since not in answers:
@@ -362,6 +370,10 @@ class Room:
                     poll.written = True
                 self._to_wake += len(claimed)
                 self._pass_the_wake_up()
+        if self.log_polls and claimed:
+            log(f"version {version}: answered {len(claimed)} waiting "
+                f"poll{'s' if len(claimed) > 1 else ''} in "
+                f"{(time.perf_counter() - started) * 1000:.1f} ms")
 
     def answer(self, since, user):
         """The JSON answer to a poll that has seen `since`: what changed after it, or a snapshot."""
@@ -1736,6 +1748,9 @@ def parse_arguments(argv):
     parser.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT,
                         metavar="SECONDS", help="how long a client may take to send a request, "
                                                 "or stay idle between two (default %(default)s)")
+    parser.add_argument("--log-polls", action="store_true",
+                        help="print a line when a poll parks, when a change answers the waiting "
+                             "polls, and when a poll times out: watch long-polling at work")
     args = parser.parse_args(argv)
     if not 0 <= args.poll_timeout <= MAX_POLL_TIMEOUT:
         parser.error(f"--poll-timeout must be between 0 and {MAX_POLL_TIMEOUT}")
@@ -1779,7 +1794,7 @@ def main(argv=None):
         sys.exit(f"chatroom: cannot use the data file {args.data!r}: {error}")
     raise_open_file_limit()
     presence = Presence(args.online_window)
-    room = Room(storage, presence)
+    room = Room(storage, presence, args.log_polls)
     sessions = Sessions(storage, presence)
     limiter = RateLimiter(RATE_LIMITS)
     try:

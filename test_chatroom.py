@@ -1102,7 +1102,8 @@ def test_help_lists_the_flags(tmp_path):
     # --help explains every flag.
     result = run_chatroom(CHATROOM, "--help", cwd=tmp_path)
     assert result.returncode == 0
-    for flag in ("--host", "--port", "--data", "--poll-timeout", "--online-window", "--max-clients"):
+    for flag in ("--host", "--port", "--data", "--poll-timeout", "--online-window", "--max-clients",
+                 "--log-polls"):
         assert flag in result.stdout
 
 
@@ -1481,6 +1482,29 @@ def test_a_client_that_reads_a_trickle_is_dropped(start_server):
             time.sleep(0.25)
     assert "connection dropped" in server.output(), "a client reading a trickle was never dropped"
     assert "did not read its answer in time" in server.output()
+
+
+def test_log_polls_tells_the_life_of_each_poll(start_server, tmp_path):
+    # With --log-polls the server says when a poll parks, when a change answers the waiting
+    # polls (how many, in how long) and when a poll times out; without it, it says nothing.
+    quiet = start_server(data=tmp_path / "quiet.db")
+    server = start_server("--log-polls")
+    for room in (quiet, server):
+        client = new_client(room)
+        client.join()
+        wait_until_online(client)
+        since = client.poll(since=None)["version"]
+        thread, _ = poll_in_background(client, since=since, timeout=30)
+        time.sleep(0.2)  # parked
+        assert new_client(room).post("hello").status == 201
+        thread.join(WAKE_BOUND)
+        client.poll(since=since + 1, timeout=0.5)
+    lines = server.output()
+    assert re.search(rf"poll parked: Guest \d+, since version {since} \(1 waiting\)", lines), lines
+    assert re.search(rf"version {since + 1}: answered 1 waiting poll in [\d.]+ ms", lines), lines
+    assert re.search(rf"poll timed out after 0.5 s: Guest \d+, nothing new since version "
+                     rf"{since + 1}", lines), lines
+    assert "poll" not in quiet.output()
 
 
 def test_request_timeout_flag_is_listed_in_help(tmp_path):
