@@ -210,6 +210,7 @@ class Room:
         self._changed = threading.Condition()
         self._pending = {}  # PendingPoll -> None: the parked polls, in the order they parked
         self._to_wake = 0  # parked threads whose poll is answered (or theirs to answer): the relay
+        self._relay = threading.local()  # .holding: this thread owes the relay a wake-up
         self._answers = {}  # since -> the answer's shared part, encoded, for the current version
 
     # --- Parking a poll ---------------------------------------------------------------------------
@@ -227,11 +228,9 @@ class Room:
         has already written the answer to the poll's socket (see write_answers).
         """
         if present:
-            self.presence.touch(poll.user)
             self._count_parked(poll)
         try:
-            if timeout > 0 and self._park(poll):
-                self.wait_for_change(poll, timeout)
+            self.wait_for_change(poll, timeout)
         finally:
             if present:
                 self.presence.unpark(poll)
@@ -239,21 +238,11 @@ class Room:
             return None
         return self.answer(poll.since, poll.user)
 
-    def _park(self, poll):
-        """Add the poll to the pending list if the page is up to date. True if it was added."""
-        with self._changed:
-            if poll.since != self.version or self.closing:
-                return False  # behind (or ahead, or we are stopping): answer it at once
-            self._pending[poll] = None
-            if self.log_polls:
-                log(f"poll parked: {poll.user.name}, since version {poll.since} "
-                    f"({len(self._pending)} waiting)")
-            return True
-
     def wait_for_change(self, poll, timeout):
-        """Park the calling thread until its poll is answered, or `timeout` seconds pass.
+        """Park the poll until it is answered, or `timeout` seconds pass. At once if it is behind.
 
-        This is where a long-poll waits. When the room changes, the changing thread writes the
+        This is where a long-poll waits: the poll joins the list of pending polls, and its
+        thread waits on the Condition. When the room changes, the changing thread writes the
         answer and wakes us (see write_answers): we then only finish what it could not write.
         If `timeout` passes first (nothing new), or the room closes, the poll is ours to answer.
 
@@ -263,6 +252,13 @@ class Room:
         """
         deadline = time.monotonic() + timeout
         with self._changed:
+            self._hand_on_held_wake_up()  # we are about to wait (see _pass_the_wake_up)
+            if poll.since != self.version or self.closing or timeout <= 0:
+                return  # behind (or ahead, or we are stopping, or no wait was asked for)
+            self._pending[poll] = None
+            if self.log_polls:
+                log(f"poll parked: {poll.user.name}, since version {poll.since} "
+                    f"({len(self._pending)} waiting)")
             while not poll.ready():
                 if poll.writer is None:
                     remaining = deadline - time.monotonic()
@@ -281,22 +277,43 @@ class Room:
                 if not poll.ready():
                     self._pass_the_wake_up()  # it was not for us: on to the next thread
             self._to_wake -= 1
-            self._pass_the_wake_up()
+            self._relay.holding = True  # we owe the next thread its wake-up
 
     def _pass_the_wake_up(self):
         """Wake the next parked thread, if any thread still has an answer waiting for it.
 
         Waking is a relay: write_answers() wakes one parked thread, and each thread that wakes
-        wakes the next. notify_all() would wake every parked thread at once, to fight over this
-        lock and the GIL: bench_chatroom.py measured several times the thread switches and twice
-        the server's CPU for it. notify() wakes the thread that has waited longest (CPython does
-        so; the documentation does not promise it): the polls a change answered parked before
-        any that park after it, so they are woken first. A thread woken for nothing passes the
-        wake-up on and waits again, so in any other order the relay still reaches every thread,
-        with more wake-ups on the way.
+        wakes the next, not at once, but when it is about to wait again: for its page's next
+        poll, for its client, or for the disk (hand_on_wake_up). So one woken thread runs at a
+        time. Woken together, threads would take turns at the GIL at every system call (any
+        read or write lets go of it), each turn a switch between threads: notify_all() costs
+        several times the switches and twice the server's CPU (bench_chatroom.py, fan-out).
+
+        notify() wakes the thread that has waited longest (CPython does so; the documentation
+        does not promise it): the polls a change answered parked before any that park after it,
+        so they are woken first. A thread woken for nothing passes the wake-up on and waits
+        again, so in any other order the relay still reaches every thread, with more wake-ups.
         """
         if self._to_wake > 0:
             self._changed.notify()
+
+    def hand_on_wake_up(self):
+        """If the relay woke this thread and it has not woken the next one yet, do it now.
+
+        Called before anything that may wait: a read that would wait for the client, a write,
+        a change to the room (the disk), the end of a connection.
+        """
+        if self.holds_wake_up():
+            with self._changed:
+                self._hand_on_held_wake_up()
+
+    def holds_wake_up(self):
+        return getattr(self._relay, "holding", False)
+
+    def _hand_on_held_wake_up(self):
+        if getattr(self._relay, "holding", False):
+            self._relay.holding = False
+            self._pass_the_wake_up()
 
     def _count_parked(self, poll):
         """Count the poll as its user's; if they now have too many, answer their oldest now."""
@@ -418,6 +435,7 @@ class Room:
 
         Returns the message and the claimed polls, for write_answers().
         """
+        self.hand_on_wake_up()  # saving may wait for the disk
         with self._write_lock:
             message = {
                 "id": self.version + 1,  # a message's id is the version its arrival created
@@ -434,6 +452,7 @@ class Room:
 
         Returns the claimed polls, for write_answers().
         """
+        self.hand_on_wake_up()  # saving may wait for the disk
         with self._write_lock:
             version = self.version + 1
             self.storage.save_name(user, name, version)
@@ -520,10 +539,6 @@ class Presence:
         self._selector_lock = threading.Lock()
         self._selector = selectors.DefaultSelector()
 
-    def touch(self, user):
-        with self._lock:
-            self._seen_now(user)
-
     def _seen_now(self, user):
         """Count `user` as online from now, unless the list is full (see MAX_ONLINE)."""
         now = time.monotonic()
@@ -538,8 +553,10 @@ class Presence:
                 self._arrivals.notify()  # our callers hold _lock, which _arrivals is built on
 
     def park(self, poll):
-        """Count a parked poll. Returns the user's oldest parked poll if they now have too many."""
+        """Count a poll, and its user as seen now. Returns the user's oldest parked poll if they
+        now have too many."""
         with self._lock:
+            self._seen_now(poll.user)
             polls = self._parked[poll.user.id]
             polls.append(poll)
             if poll.connection is not None:
@@ -959,7 +976,8 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         set_time_outs(self.connection, self.server.request_timeout)
         limit_unsent(self.connection)
         self.rfile.close()  # read through RequestReader instead, for its deadline
-        self.request_reader = RequestReader(self.connection, self.server.request_timeout)
+        self.request_reader = RequestReader(self.connection, self.server.request_timeout,
+                                            self.server.room)
         # 2 KB holds a browser's request; the usual 8 KB stays mostly empty, on every connection.
         self.rfile = io.BufferedReader(self.request_reader, REQUEST_BUFFER)
         self.new_sid = None
@@ -967,6 +985,7 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         self.server.room.presence.watch(self.connection)  # to notice when the page goes away
 
     def finish(self):
+        self.server.room.hand_on_wake_up()
         self.server.room.presence.forget_connection(self.connection)
         super().finish()
 
@@ -1244,6 +1263,7 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
 
     def write(self, data):
         """Write all of `data`, and drop a client that reads it too slowly (MIN_READ_RATE)."""
+        self.server.room.hand_on_wake_up()  # a write may wait for the client
         write_within(self.connection, data, self.server.request_timeout + len(data) / MIN_READ_RATE)
 
     def send_error(self, code, message=None, explain=None):
@@ -1407,9 +1427,10 @@ class RequestReader(io.RawIOBase):
     most when a crowd arrives (see set_time_outs, next).
     """
 
-    def __init__(self, connection, seconds):
+    def __init__(self, connection, seconds, room):
         self.connection = connection
         self.seconds = seconds
+        self.room = room
         self.start_deadline()
 
     def readable(self):
@@ -1421,6 +1442,15 @@ class RequestReader(io.RawIOBase):
     def readinto(self, buffer):
         if time.monotonic() > self.deadline:
             raise TimeoutError("the request did not arrive in time")
+        if self.room.holds_wake_up():
+            # The relay woke this thread: if the next request is not here yet, wake the next
+            # parked thread before waiting for it (see Room._pass_the_wake_up).
+            if ANSWERS_WITHOUT_WAITING:
+                try:
+                    return self.connection.recv_into(buffer, 0, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    pass
+            self.room.hand_on_wake_up()
         try:
             return self.connection.recv_into(buffer)
         except BlockingIOError:  # a read that the kernel timed out (see set_time_outs)

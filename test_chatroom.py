@@ -558,11 +558,26 @@ def open_pages(server, count):
     return pages, pages[0].client.poll(since=None)["version"]
 
 
-def pages_polling(pages, since, timeout=60):
-    """Start one poll on each page in a thread; returns the threads and {page index: answer}."""
+def wait_until_parked(server, count, after=0):
+    """Wait until `count` polls are parked, as a server started with --log-polls tells.
+
+    `after` is a length of its log: only what it said after that counts. Returns the log's length.
+    """
+    def parked():
+        log = server.output()
+        counts = [int(n) for n in re.findall(r"\((\d+) waiting\)", log[after:])]
+        return len(log) if counts and max(counts) >= count else None
+
+    return wait_until(parked, timeout=WAKE_BOUND, message=f"{count} polls to be parked")
+
+
+def pages_polling(pages, since, timeout=60, after=0):
+    """Start one poll on each page in a thread, `after` seconds from now (as on a network with
+    that round trip); returns the threads and {page index: answer}."""
     answers = {}
 
     def run(index, page):
+        time.sleep(after)
         answers[index] = page.poll(since, timeout)[2]
 
     threads = [threading.Thread(target=run, args=item, daemon=True) for item in enumerate(pages)]
@@ -581,14 +596,13 @@ def join_all(threads, within):
 def test_parked_pages_are_all_answered_and_woken_to_wait_again(start_server):
     # Twenty pages park with a 60 s time-out; one post answers all of them at once. Then each asks
     # again on the same connection, which its server thread reads only if the broadcast woke it:
-    # a second post must reach all twenty again.
+    # a second post must reach all twenty again, and a third, when they take 0.3 s to ask again.
     server = start_server()
     pages, version = open_pages(server, 20)
-    poster = new_client(server)
-    for round_ in range(2):
-        threads, answers = pages_polling(pages, version)
-        time.sleep(0.2)  # let the polls park (one that has not yet is answered at once: fine)
-        posted = poster.post(f"round {round_}")
+    for round_, after in enumerate((0, 0, 0.3)):
+        threads, answers = pages_polling(pages, version, after=after)
+        time.sleep(0.2 + after)  # let the polls park (one that has not yet is answered at once)
+        posted = new_client(server).post(f"round {round_}")
         assert posted.status == 201, posted.body
         version = posted.json["message"]["id"]
         waiting = join_all(threads, WAKE_BOUND)
@@ -597,6 +611,35 @@ def test_parked_pages_are_all_answered_and_woken_to_wait_again(start_server):
         for index, answer in answers.items():
             assert version in [m["id"] for m in answer["messages"]], f"page {index}: {answer}"
             version = max(version, answer["version"])
+    for page in pages:
+        page.close()
+
+
+@pytest.mark.parametrize("slow_page", ["is quiet", "has closed its connection"])
+def test_a_page_slow_to_ask_again_holds_up_no_one(start_server, slow_page):
+    # A slow page parks first, then nineteen others; a post answers all twenty. The slow page's
+    # thread is the first to be woken, and its page does not ask again for a while (or closed
+    # its connection while it waited): the others ask again at once, and their threads must
+    # read those polls and park them meanwhile.
+    server = start_server("--log-polls")
+    pages, version = open_pages(server, 20)
+    slow = socket.create_connection(("127.0.0.1", server.port), timeout=HTTP_TIMEOUT)
+    slow.sendall(http_request("GET", f"/api/poll?since={version}&timeout=60",
+                              {"Host": "127.0.0.1", "Cookie": f"sid={pages.pop().client.sid}"}))
+    seen = wait_until_parked(server, 1)  # the slow page parks first
+    threads, _ = pages_polling(pages, version)
+    seen = wait_until_parked(server, 20, after=seen)
+    if slow_page == "has closed its connection":
+        slow.close()
+    version = new_client(server).post("to everyone").json["message"]["id"]
+    assert join_all(threads, WAKE_BOUND) == 0
+    threads, answers = pages_polling(pages, version)
+    wait_until_parked(server, 19, after=seen)  # their threads were woken to read these
+    version = new_client(server).post("while the slow page is quiet").json["message"]["id"]
+    waiting = join_all(threads, WAKE_BOUND)
+    assert waiting == 0, f"{waiting} of 19 pages had no answer while a slow page was quiet"
+    assert all(version in [m["id"] for m in answer["messages"]] for answer in answers.values())
+    slow.close()
     for page in pages:
         page.close()
 
