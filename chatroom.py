@@ -311,7 +311,7 @@ class Room:
         return getattr(self._relay, "holding", False)
 
     def _hand_on_held_wake_up(self):
-        if getattr(self._relay, "holding", False):
+        if self.holds_wake_up():
             self._relay.holding = False
             self._pass_the_wake_up()
 
