@@ -106,6 +106,7 @@ DEFAULT_ONLINE_WINDOW = 30  # seconds after their last poll that someone still c
 MAX_ONLINE = 1000  # people in the online list: every answer that carries the list carries them all,
 #                    and anyone can make up a cookie. Past this, newcomers are served but not listed
 SHUTDOWN_GRACE = 2.0  # seconds we give requests in progress to finish when the server stops
+SHUTDOWN_CHECK_INTERVAL = 0.01  # seconds between two looks, then, at whether they have finished
 
 # Messages and names.
 SNAPSHOT_SIZE = 100  # messages a page gets when it first loads
@@ -372,7 +373,13 @@ class Presence:
         self._first_arrival = None  # time.monotonic() of the first newcomer since then
         self._last_arrival = None  # and of the latest one
         self._selector_lock = threading.Lock()
-        self._selector = selectors.DefaultSelector()
+        # poll(), not the default epoll: epoll makes a system call for each socket registered,
+        # and a system call inside _selector_lock hands the GIL away while holding the lock.
+        # With 1000 busy connections, py-spy found 300 to 630 newcomers' threads queued on the
+        # lock in watch(), passing it on one GIL turn at a time (README, Performance). poll()
+        # only notes the socket, and calls the system once a look. (Windows has no poll():
+        # there the default is select(), which only notes too.)
+        self._selector = getattr(selectors, "PollSelector", selectors.DefaultSelector)()
 
     def touch(self, user):
         with self._lock:
@@ -1357,8 +1364,8 @@ class ChatServer(http.server.ThreadingHTTPServer):
         self.open_connections = 0
         self.connections_from = collections.Counter()  # client IP address -> its open connections
         self._lingering = []  # (refused connection, time.monotonic() by which to close it)
-        self._busy = threading.Condition()
-        self._requests_in_progress = 0
+        self._busy = threading.Lock()  # guards the counts of connections above
+        self._in_progress = set()  # a token for each request being answered
         self.common_headers = security_headers(page)
         self.allowed_hosts = allowed_hosts(address[0])
         super().__init__(address, ChatHandler)
@@ -1431,19 +1438,26 @@ class ChatServer(http.server.ThreadingHTTPServer):
         A generator, not a class made on each call: a new class per request is slow to make and
         leaves reference cycles that only the garbage collector frees. With a thousand pages
         polling, that garbage was a quarter of the server's memory (bench_chatroom.py, fan-out).
+
+        A set of tokens, not a count under a lock: set.add() and discard() are each one step no
+        other thread can break into, and a lock that every request takes is where all of them
+        queue when the server is busy. A thread holding it may lose the GIL (Python takes it
+        from a thread every 5 ms when others wait), and then every request waits until that
+        thread has the GIL back: with 1000 busy connections, py-spy found up to 970 threads
+        waiting for it (README, Performance).
         """
-        with self._busy:
-            self._requests_in_progress += 1
+        token = object()
+        self._in_progress.add(token)
         try:
             yield
         finally:
-            with self._busy:
-                self._requests_in_progress -= 1
-                self._busy.notify_all()
+            self._in_progress.discard(token)
 
     def wait_for_requests(self, timeout):
-        with self._busy:
-            self._busy.wait_for(lambda: self._requests_in_progress == 0, timeout)
+        """Wait until no request is being answered, or `timeout` seconds: at shutdown only."""
+        deadline = time.monotonic() + timeout
+        while self._in_progress and time.monotonic() < deadline:
+            time.sleep(SHUTDOWN_CHECK_INTERVAL)
 
     def handle_error(self, request, client_address):
         """A client that hangs up or stalls is normal: one line. Anything else: a traceback."""
