@@ -61,6 +61,7 @@ import collections
 import contextlib
 import hashlib
 import http.client
+import itertools
 import json
 import math
 import os
@@ -128,6 +129,11 @@ SUSTAINED_POST_INTERVAL = 3.5  # seconds
 
 PRESENCE_INTERVAL = 1.0  # seconds; chatroom.py announces arrivals and departures at most this often
 CONNECT_BATCH = 100  # pages that connect at the same moment while a scenario sets up (not crowd)
+# The addresses simulated pages connect from, in turn, when the server is on loopback: people in
+# a real crowd come from many addresses, and from one alone the server's cap per address
+# (--max-clients-per-address) would refuse most of the crowd. On Linux, every 127.x.y.z reaches
+# a server listening on 127.0.0.1.
+SOURCE_ADDRESSES = [f"127.0.1.{n}" for n in range(1, 201)]
 ROUND_TIMEOUT = 10.0  # seconds a round may take before its missing deliveries count as lost
 SETTLE_TIMEOUT = 60.0  # seconds we wait for the pages to be parked and the server to be quiet
 START_TIMEOUT = 30.0  # seconds the server may take to print its address
@@ -465,7 +471,7 @@ class HttpConnection:
         self._stamped = False
 
     @classmethod
-    async def open(cls, host, port):
+    async def open(cls, host, port, source=None):
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
@@ -476,6 +482,8 @@ class HttpConnection:
         except OSError:
             stamped = False
         try:
+            if source:
+                sock.bind((source, 0))
             await loop.sock_connect(sock, (host, port))
         except BaseException:
             sock.close()
@@ -569,11 +577,19 @@ def header_block(server, sid=None, extra=()):
     return "".join(f"{name}: {value}\r\n" for name, value in lines).encode("latin-1")
 
 
+_sources = itertools.cycle(SOURCE_ADDRESSES)
+
+
+def next_source(server):
+    """The address to connect from: the next of SOURCE_ADDRESSES for a server on loopback."""
+    return next(_sources) if server.host.startswith("127.") else None
+
+
 async def open_connection(server, attempts=3):
     """Connect, trying again after a pause if refused: a browser would, too."""
     for attempt in range(attempts):
         try:
-            return await HttpConnection.open(server.host, server.port)
+            return await HttpConnection.open(server.host, server.port, next_source(server))
         except OSError:
             if attempt == attempts - 1:
                 raise

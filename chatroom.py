@@ -55,6 +55,7 @@ import hashlib
 import http
 import http.server
 import io
+import ipaddress
 import json
 import math
 import re
@@ -83,6 +84,10 @@ LISTEN_BACKLOG = 4096  # connections the kernel queues for us until accept(): a 
 #                        once must wait in this queue, not be refused (the stdlib's default is 5;
 #                        Linux caps the number at net.core.somaxconn, 4096 on recent kernels)
 DEFAULT_MAX_CLIENTS = 2500  # open connections (one thread each); past it newcomers get a quick 503
+DEFAULT_MAX_CLIENTS_PER_ADDRESS = 500  # open connections from one IP address, so that one client
+#                                        cannot take every place in the room. A browser opens at
+#                                        most 6 connections to a host and a page holds 1 or 2, so
+#                                        a home or an office behind one NAT address stays far below
 DEFAULT_REQUEST_TIMEOUT = 10  # seconds from the end of one answer until the next request has fully
 #                               arrived: a client that stalls, or sends a byte at a time, is dropped
 BUSY_RETRY_AFTER = 5  # seconds we ask a refused client to wait before trying again
@@ -109,6 +114,7 @@ DEFAULT_ONLINE_WINDOW = 30  # seconds after their last poll that someone still c
 MAX_ONLINE = 1000  # people in the online list: every answer that carries the list carries them all,
 #                    and anyone can make up a cookie. Past this, newcomers are served but not listed
 SHUTDOWN_GRACE = 2.0  # seconds we give requests in progress to finish when the server stops
+SHUTDOWN_CHECK_INTERVAL = 0.01  # seconds between two looks, then, at whether they have finished
 
 # Messages and names.
 SNAPSHOT_SIZE = 100  # messages a page gets when it first loads
@@ -116,8 +122,14 @@ MAX_BATCH = 500  # messages in one answer to a page that fell far behind; it ask
 MAX_TEXT_LENGTH = 2000  # characters in one message
 MAX_NAME_LENGTH = 40  # characters in a name
 MAX_BODY_BYTES = 16 * 1024  # a JSON body larger than this is refused unread
-MAX_HEADER_LINE = 65536  # bytes in one request header line, as http.client allows
+MAX_REQUEST_LINE = 8 * 1024  # bytes in "GET /path?query HTTP/1.1": our URLs are short, and a
+#                              parked poll keeps its request line (and path, and query) in memory
+MAX_HEADER_BYTES = 32 * 1024  # bytes of all header lines together, also bounding each one: a
+#                               browser sends 1 to 2 KB, and a parked poll keeps its headers
 MAX_HEADERS = 100  # header lines in one request, as http.client allows
+SINGLE_HEADERS = {"host": "Host", "content-length": "Content-Length"}  # refused if repeated: the
+#                 request's length and its host must have one reading only. A repeat of any other
+#                 header is joined to the first with a comma (RFC 9110 section 5.3)
 REQUEST_BUFFER = 2048  # bytes read ahead on each connection
 MAX_UNSENT = 32 * 1024  # bytes of answers the kernel may hold unsent for one connection; past it,
 #                         writing waits for the client to read. (Unasked, the kernel holds up to
@@ -537,7 +549,13 @@ class Presence:
         self._first_arrival = None  # time.monotonic() of the first newcomer since then
         self._last_arrival = None  # and of the latest one
         self._selector_lock = threading.Lock()
-        self._selector = selectors.DefaultSelector()
+        # poll(), not the default epoll: epoll makes a system call for each socket registered,
+        # and a system call inside _selector_lock hands the GIL away while holding the lock.
+        # With 1000 busy connections, py-spy found 300 to 630 newcomers' threads queued on the
+        # lock in watch(), passing it on one GIL turn at a time (README, Performance). poll()
+        # only notes the socket, and calls the system once a look. (Windows has no poll():
+        # there the default is select(), which only notes too.)
+        self._selector = getattr(selectors, "PollSelector", selectors.DefaultSelector)()
 
     def _seen_now(self, user):
         """Count `user` as online from now, unless the list is full (see MAX_ONLINE)."""
@@ -1060,7 +1078,8 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
 
     def get_poll(self, query):
         """GET /api/poll?since=V&timeout=S: the long-poll. The waiting happens in Room.poll."""
-        params = parse_qs(query)
+        # keep_blank_values: "since=" is there, and wrong, not absent. Other names are ignored.
+        params = parse_qs(query, keep_blank_values=True)
         since = parse_number(params, "since", integer=True)
         timeout = parse_number(params, "timeout")
         timeout = self.server.poll_timeout if timeout is None else min(timeout, MAX_POLL_TIMEOUT)
@@ -1208,9 +1227,8 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         if length is None:
             raise RequestError(411, "The request needs a Content-Length header.")
-        if not re.fullmatch(r"[0-9]+", length):  # not isdigit(): it also accepts "²"
-            raise RequestError(400, "The Content-Length header is not a number.")
-        digits = length.lstrip("0") or "0"  # int() refuses thousands of digits, so count them first
+        # Only digits (framing_is_clear made sure). int() refuses thousands, so count them first.
+        digits = length.lstrip("0") or "0"
         if len(digits) > len(str(MAX_BODY_BYTES)) or int(digits) > MAX_BODY_BYTES:
             raise RequestError(413, f"The body is larger than {MAX_BODY_BYTES} bytes.")
         size = int(digits)
@@ -1284,40 +1302,126 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         package: a parser made for mail (folded lines, MIME parts) that costs six times what
         the loop below does, and was the largest single cost of a poll (bench_chatroom.py,
         fan-out). An HTTP header is one "Name: value" line; an empty line ends them.
+
+        It is strict on purpose. When a proxy in front of us and this server read the same bytes
+        differently (one takes the first Content-Length, the other the second; one ignores a
+        header with a space in its name, the other does not), a request can hide inside another
+        one's body and reach us as if sent by someone else: "request smuggling". So whatever
+        RFC 9112 does not allow is refused with 400 and the connection closed, never guessed at.
         """
         self.command, self.request_version = None, "HTTP/0.9"
         self.close_connection = True
         self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
-        words = self.requestline.split()
+        if len(self.raw_requestline) > MAX_REQUEST_LINE:
+            self.send_error(414, f"The request line is longer than {MAX_REQUEST_LINE} bytes.")
+            return False
+        words = self.requestline.split(" ")
         if len(words) != 3 or not words[2].startswith("HTTP/"):
             self.send_error(400, "The request line is not METHOD PATH HTTP/1.1.")
             return False
         if words[2] not in ("HTTP/1.0", "HTTP/1.1"):
             self.send_error(505, "Only HTTP/1.0 and HTTP/1.1 are spoken here.")
             return False
-        self.command, self.path, self.request_version = words
-        self.headers = Headers()
-        for _ in range(MAX_HEADERS):
-            line = self.rfile.readline(MAX_HEADER_LINE + 1)
-            if line in (b"\r\n", b"\n", b""):
-                break
-            if len(line) > MAX_HEADER_LINE:
-                self.send_error(431, "A header line is too long.")
-                return False
-            name, colon, value = line.decode("iso-8859-1").partition(":")
-            if not colon or not name or name != name.strip():  # also refuses folded lines
-                self.send_error(400, "A header line is not Name: value.")
-                return False
-            self.headers.setdefault(name.lower(), value.strip())  # the first one counts
-        else:
-            self.send_error(431, f"A request may have at most {MAX_HEADERS} header lines.")
+        self.command, target, self.request_version = words
+        if not TOKEN.fullmatch(self.command) or not VISIBLE_ASCII.fullmatch(target):
+            self.send_error(400, "The request line has a character no method or path may have.")
+            return False
+        # The absolute form, "GET http://host:port/path HTTP/1.1", is what a client sends to a
+        # proxy, and a server must accept it too (RFC 9112 section 3.2.2): the host in it counts,
+        # not the Host header.
+        absolute = ABSOLUTE_FORM.fullmatch(target)
+        if absolute is not None:
+            authority, target = absolute.groups()
+            if not target.startswith("/"):
+                target = "/" + target  # "http://host" and "http://host?q" ask for the path "/"
+        self.path = target
+        if not self.read_headers():
+            return False
+        if self.request_version == "HTTP/1.1" and "Host" not in self.headers:
+            self.send_error(400, "An HTTP/1.1 request needs a Host header.")
+            return False
+        if absolute is not None:
+            self.headers["host"] = authority
+        if "Host" in self.headers and not is_host(self.headers["Host"]):
+            self.send_error(400, "The host is not a host name or address with an optional port.")
+            return False
+        if not self.framing_is_clear():
             return False
         connection = self.headers.get("Connection", "").lower()
-        keep_alive = self.request_version == "HTTP/1.1" or connection == "keep-alive"
-        self.close_connection = connection == "close" or not keep_alive
+        if "," in connection:  # a list, such as "keep-alive, Upgrade"
+            connection = {token.strip() for token in connection.split(",")}
+        else:
+            connection = {connection}
+        keep_alive = self.request_version == "HTTP/1.1" or "keep-alive" in connection
+        self.close_connection = "close" in connection or not keep_alive
         if self.headers.get("Expect", "").lower() == "100-continue":
             return self.handle_expect_100()  # curl asks this before sending a larger body
         return True
+
+    def read_headers(self):
+        """Read the header lines into self.headers, within their budgets. False if refused.
+
+        A name that comes again is joined to the first one's value with a comma, which RFC 9110
+        (section 5.3) says means the same as the separate lines, so nothing that came is
+        ignored; but a header that must have one value (SINGLE_HEADERS) is refused if repeated.
+        """
+        fields = {}  # a plain dict while we fill it: Headers' own methods are slower
+        budget = MAX_HEADER_BYTES  # what the lines still to come may take, together
+        count = 0
+        while True:
+            line = self.rfile.readline(budget + 2)
+            if line in (b"\r\n", b"\n"):
+                self.headers = Headers(fields)
+                return True
+            budget -= len(line)
+            count += 1
+            if budget < 0 or count > MAX_HEADERS:
+                self.send_error(431, f"The request's headers are more than {MAX_HEADERS} lines "
+                                     f"or {MAX_HEADER_BYTES // 1024} KiB.")
+                return False
+            if not line.endswith(b"\n"):
+                self.send_error(400, "The request ended in the middle of its headers.")
+                return False
+            name, colon, value = line.decode("iso-8859-1").partition(":")
+            value = value[:-2] if value.endswith("\r\n") else value[:-1]  # a bare CR stays
+            # isprintable() first: it is quick, and true for almost every value. (It is false
+            # for a tab and some bytes above 0x7f too, which the regular expression allows.)
+            if not colon or not TOKEN.fullmatch(name) or (
+                    not value.isprintable() and NOT_IN_A_VALUE.search(value)):
+                # Also refuses a folded line (one that starts with a space).
+                self.send_error(400, "A header line is not Name: value, with a name of letters, "
+                                     "digits and -!#$%&'*+.^_`|~ and a value with no control "
+                                     "characters.")
+                return False
+            name = name.lower()
+            if name not in fields:
+                fields[name] = value.strip(" \t")
+            elif name in SINGLE_HEADERS:
+                self.send_error(400, f"A request may have only one {SINGLE_HEADERS[name]} header.")
+                return False
+            else:
+                fields[name] += ", " + value.strip(" \t")
+
+    def framing_is_clear(self):
+        """Refuse a request whose length could be read two ways (RFC 9112 section 6.3). False if
+        refused. A body with Transfer-Encoding alone is refused later, when it would be read."""
+        length = self.headers.get("Content-Length")
+        if length is None:
+            return True
+        if "Transfer-Encoding" in self.headers:
+            self.send_error(400, "A request may not have both Content-Length and "
+                                 "Transfer-Encoding.")
+            return False
+        if not DIGITS.fullmatch(length):  # not isdigit(): it also accepts "²"
+            self.send_error(400, "The Content-Length header is not a number.")
+            return False
+        return True
+
+
+# Control characters: C0 (below 32) but tab and newline, DEL, and C1 (0x80 to 0x9f), which
+# terminals and some fonts take as commands.
+CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 
 
 def http_answer(status, body, content_type, headers, common_headers, close=False,
@@ -1328,7 +1432,7 @@ def http_answer(status, body, content_type, headers, common_headers, close=False
     for a poll it answers (ChatHandler.poll_answer), by the accepting thread for a refusal.
     """
     reason = http.server.BaseHTTPRequestHandler.responses[status][0]
-    head = f"HTTP/1.1 {status} {reason}\r\nDate: {http_date()}\r\n"
+    head = f"HTTP/1.1 {status} {reason}\r\n{date_header()}\r\n"
     if status != 304:  # a 304 has no body, so nothing for these to describe (RFC 9110 8.6)
         head += f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
     head += common_headers
@@ -1342,18 +1446,28 @@ def http_answer(status, body, content_type, headers, common_headers, close=False
     return head + body if with_body else head
 
 
-def http_date(clock=[None, ""]):
-    """Now, as HTTP writes dates ("Tue, 01 Dec 2026 09:14:00 GMT"), made at most once a second."""
+def date_header():
+    """The Date line every answer carries (RFC 9110 section 6.6.1: a server with a clock must).
+
+    Its text changes once a second, and a broadcast writes a thousand answers in less, so it is
+    made once a second and kept. Two threads may both make it at a new second: no harm.
+    """
+    global _date_line
     now = int(time.time())
-    if clock[0] != now:
-        clock[:] = [now, email.utils.formatdate(now, usegmt=True)]
-    return clock[1]
+    second, line = _date_line
+    if second != now:
+        line = "Date: " + email.utils.formatdate(now, usegmt=True)  # Tue, 01 Dec 2026 09:18:21 GMT
+        _date_line = (now, line)
+    return line
+
+
+_date_line = (None, "")  # (the second it was made for, "Date: ..."), for date_header()
 
 
 def check_text(value, what, max_length):
     if len(value) > max_length:
         raise RequestError(400, f"The {what} is longer than {max_length} characters.")
-    if any(ord(character) < 32 and character not in "\n\t" for character in value):
+    if CONTROL_CHARACTERS.search(value):
         raise RequestError(400, f"The {what} contains control characters.")
     try:
         value.encode("utf-8")
@@ -1362,19 +1476,24 @@ def check_text(value, what, max_length):
 
 
 def parse_number(params, name, integer=False):
-    """A non-negative number from the query string, or None if it is absent."""
-    if name not in params:
+    """A non-negative number from the query string, or None if it is absent.
+
+    Given once, in ASCII digits (with a decimal point if not `integer`): int() and float() also
+    take "+1", " 1", "1_000", "1e3", "nan" and other scripts' digits, and a program in front
+    of us that read the first of two `since=` where we read the last would see another request.
+    Present but empty is as wrong as any other bad number.
+    """
+    values = params.get(name)
+    if values is None:
         return None
-    text = params[name][-1]
-    refusal = RequestError(400, f"{name} must be a non-negative "
+    refusal = RequestError(400, f"{name} must be given once, as a non-negative "
                                 f"{'whole number' if integer else 'number'}.")
-    try:
-        value = int(text) if integer else float(text)
-    except ValueError:
-        raise refusal from None
-    if not value >= 0:  # also refuses NaN
+    if len(values) > 1 or not (DIGITS if integer else DECIMAL).fullmatch(values[0]):
         raise refusal
-    return value
+    try:
+        return int(values[0]) if integer else float(values[0])
+    except ValueError:  # Python 3.11 and later refuse to read more than 4300 digits
+        raise refusal from None
 
 
 def cookie_value(header, name):
@@ -1522,6 +1641,34 @@ def write_within(connection, data, seconds):
         rest = send_now(connection, rest)
 
 
+# The grammar of a request's head (RFC 9110 sections 5.1, 5.5 and 5.6.2; RFC 9112 section 3).
+TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a method or a header name
+VISIBLE_ASCII = re.compile(r"[!-~]+")  # a request target: no spaces, controls or other bytes
+# "http://host:port/path?query": (host:port, /path?query). A user name ("http://ann@host/") is
+# refused by is_host: it is there to make a link look as if it led somewhere else.
+ABSOLUTE_FORM = re.compile(r"(?i:https?)://([^/?]*)(.*)")
+# What a header's value may not hold: control characters, but for the tab. So a NUL or a bare CR
+# (which some programs take for the end of the line) in a value makes the request a 400.
+NOT_IN_A_VALUE = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
+DIGITS = re.compile(r"[0-9]+")
+# A Host: a name, an IPv4 address or an [IPv6 address], and an optional :port (RFC 3986 3.2.2).
+HOST = re.compile(r"(?:(\[[0-9A-Fa-f:.]+\])|(?:[A-Za-z0-9._~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})+)"
+                  r"(?::[0-9]*)?")
+
+
+def is_host(value):
+    """True if `value` is what Host may hold: uri-host, and a port if any."""
+    found = HOST.fullmatch(value)
+    if found is None:
+        return False
+    if found.group(1):
+        try:
+            ipaddress.IPv6Address(found.group(1)[1:-1])
+        except ValueError:
+            return False
+    return True
+
+
 class Headers(dict):
     """A request's headers, by lower-cased name; get() and `in` ignore case, as HTTP does."""
 
@@ -1555,7 +1702,7 @@ class ChatServer(http.server.ThreadingHTTPServer):
     request_queue_size = LISTEN_BACKLOG
 
     def __init__(self, address, room, sessions, limiter, page, chime, poll_timeout, max_clients,
-                 request_timeout):
+                 max_clients_per_address, request_timeout):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.room = room
         self.sessions = sessions
@@ -1564,28 +1711,34 @@ class ChatServer(http.server.ThreadingHTTPServer):
         self.chime = chime
         self.poll_timeout = poll_timeout
         self.max_clients = max_clients
+        self.max_clients_per_address = max_clients_per_address
         self.request_timeout = request_timeout
         self.open_connections = 0
+        self.connections_from = collections.Counter()  # client IP address -> its open connections
         self._lingering = []  # (refused connection, time.monotonic() by which to close it)
-        self._busy = threading.Condition()
-        self._requests_in_progress = 0
+        self._busy = threading.Lock()  # guards the counts of connections above
+        self._in_progress = set()  # a token for each request being answered
         self.common_headers = security_headers(page)
         self.allowed_hosts = allowed_hosts(address[0])
         super().__init__(address, ChatHandler)
 
     def process_request(self, request, client_address):
-        """Start a thread for the connection, unless too many are open already."""
+        """Start a thread for the connection, unless too many are open already, in all or from
+        its address (so that one client cannot take every place: --max-clients-per-address)."""
+        address = client_address[0]
         with self._busy:
-            full = self.open_connections >= self.max_clients
+            full = (self.open_connections >= self.max_clients
+                    or self.connections_from[address] >= self.max_clients_per_address)
             if not full:
                 self.open_connections += 1
+                self.connections_from[address] += 1
         if full:
             self.refuse(request)
             return
         try:
             start_thread(self.process_request_thread, request, client_address)
         except RuntimeError:  # the system would not start another thread
-            self._connection_closed()
+            self._connection_closed(address)
             self.refuse(request)
 
     def refuse(self, request):
@@ -1621,11 +1774,14 @@ class ChatServer(http.server.ThreadingHTTPServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._connection_closed()
+            self._connection_closed(client_address[0])
 
-    def _connection_closed(self):
+    def _connection_closed(self, address):
         with self._busy:
             self.open_connections -= 1
+            self.connections_from[address] -= 1
+            if not self.connections_from[address]:
+                del self.connections_from[address]  # so that the counter holds only who is here
 
     @contextlib.contextmanager
     def request_in_progress(self):
@@ -1634,19 +1790,26 @@ class ChatServer(http.server.ThreadingHTTPServer):
         A generator, not a class made on each call: a new class per request is slow to make and
         leaves reference cycles that only the garbage collector frees. With a thousand pages
         polling, that garbage was a quarter of the server's memory (bench_chatroom.py, fan-out).
+
+        A set of tokens, not a count under a lock: set.add() and discard() are each one step no
+        other thread can break into, and a lock that every request takes is where all of them
+        queue when the server is busy. A thread holding it may lose the GIL (Python takes it
+        from a thread every 5 ms when others wait), and then every request waits until that
+        thread has the GIL back: with 1000 busy connections, py-spy found up to 970 threads
+        waiting for it (README, Performance).
         """
-        with self._busy:
-            self._requests_in_progress += 1
+        token = object()
+        self._in_progress.add(token)
         try:
             yield
         finally:
-            with self._busy:
-                self._requests_in_progress -= 1
-                self._busy.notify_all()
+            self._in_progress.discard(token)
 
     def wait_for_requests(self, timeout):
-        with self._busy:
-            self._busy.wait_for(lambda: self._requests_in_progress == 0, timeout)
+        """Wait until no request is being answered, or `timeout` seconds: at shutdown only."""
+        deadline = time.monotonic() + timeout
+        while self._in_progress and time.monotonic() < deadline:
+            time.sleep(SHUTDOWN_CHECK_INTERVAL)
 
     def handle_error(self, request, client_address):
         """A client that hangs up or stalls is normal: one line. Anything else: a traceback."""
@@ -1775,6 +1938,10 @@ def parse_arguments(argv):
                                                 "as online (default %(default)s)")
     parser.add_argument("--max-clients", type=int, default=DEFAULT_MAX_CLIENTS, metavar="N",
                         help="open connections before new ones are refused (default %(default)s)")
+    parser.add_argument("--max-clients-per-address", type=int,
+                        default=DEFAULT_MAX_CLIENTS_PER_ADDRESS, metavar="N",
+                        help="open connections from one IP address before its new ones are "
+                             "refused (default %(default)s)")
     parser.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT,
                         metavar="SECONDS", help="how long a client may take to send a request, "
                                                 "or stay idle between two (default %(default)s)")
@@ -1784,8 +1951,10 @@ def parse_arguments(argv):
     args = parser.parse_args(argv)
     if not 0 <= args.poll_timeout <= MAX_POLL_TIMEOUT:
         parser.error(f"--poll-timeout must be between 0 and {MAX_POLL_TIMEOUT}")
-    if args.online_window <= 0 or args.max_clients < 1 or args.request_timeout <= 0:
-        parser.error("--online-window, --max-clients and --request-timeout must be positive")
+    if (args.online_window <= 0 or args.max_clients < 1 or args.max_clients_per_address < 1
+            or args.request_timeout <= 0):
+        parser.error("--online-window, --max-clients, --max-clients-per-address and "
+                     "--request-timeout must be positive")
     return args
 
 
@@ -1829,7 +1998,8 @@ def main(argv=None):
     limiter = RateLimiter(RATE_LIMITS)
     try:
         server = ChatServer((args.host, args.port), room, sessions, limiter, page, chime,
-                            args.poll_timeout, args.max_clients, args.request_timeout)
+                            args.poll_timeout, args.max_clients, args.max_clients_per_address,
+                            args.request_timeout)
     except OSError as error:
         storage.close()
         sys.exit(f"chatroom: cannot listen on {args.host}:{args.port} ({error.strerror})")

@@ -8,6 +8,7 @@ restart them. Waits are bounded: a test that would hang fails instead.
 """
 
 import base64
+import email.utils
 import gzip
 import hashlib
 import http.client
@@ -861,6 +862,7 @@ def test_rename_is_trimmed_and_carried_by_new_messages(server):
 @pytest.mark.parametrize("name, why", [
     ("", "blank"), ("   ", "blank"), ("x" * 41, "too long"), ("a\x00b", "control"),
     ("a\nb", "newline"), ("bell\x07", "control"), ("\x1b[31mred", "control"),
+    ("a\x7fb", "DEL"), ("a\x85b", "C1 control (next line)"), ("\x9b31mred", "C1 control (CSI)"),
 ])
 def test_bad_names_are_refused(server, name, why):
     # Names that are blank, too long or carry control characters get a 400 and change nothing.
@@ -1015,6 +1017,19 @@ BAD_REQUESTS = [
     ("timeout is text", "GET", "/api/poll?since=0&timeout=soon", {}, None, 400),
     ("timeout is negative", "GET", "/api/poll?since=0&timeout=-2", {}, None, 400),
     ("timeout is NaN", "GET", "/api/poll?since=0&timeout=nan", {}, None, 400),
+    ("text with DEL", "POST", "/api/messages", {"Content-Type": "application/json"},
+     b'{"text": "a\\u007fb"}', 400),
+    ("text with a C1 control", "POST", "/api/messages", {"Content-Type": "application/json"},
+     b'{"text": "a\\u009bb"}', 400),
+    ("since is empty", "GET", "/api/poll?since=", {}, None, 400),
+    ("since has no value", "GET", "/api/poll?since", {}, None, 400),
+    ("timeout is empty", "GET", "/api/poll?since=0&timeout=", {}, None, 400),
+    ("since is given twice", "GET", "/api/poll?since=0&since=1&timeout=0", {}, None, 400),
+    ("timeout is given twice", "GET", "/api/poll?since=0&timeout=0&timeout=30", {}, None, 400),
+    ("since with a plus sign", "GET", "/api/poll?since=%2B1&timeout=0", {}, None, 400),
+    ("since in Arabic-Indic digits", "GET", "/api/poll?since=%D9%A1&timeout=0", {}, None, 400),
+    ("since with an underscore", "GET", "/api/poll?since=1_0&timeout=0", {}, None, 400),
+    ("timeout in exponent form", "GET", "/api/poll?since=0&timeout=1e1", {}, None, 400),
 ]
 
 
@@ -1029,6 +1044,15 @@ def test_bad_input_gets_a_clear_error(server, what, method, path, headers, body,
     assert response.headers["Content-Type"] == "application/json"
     assert len(response.json["error"]) > 10
     assert client.post(f"still fine after {what}").status in (201, 429)
+
+
+def test_other_query_parameters_are_ignored(server):
+    # A poll with a parameter we do not know (a cache buster, say), even twice, is answered;
+    # so is a timeout with a decimal point.
+    client = new_client(server)
+    client.join()
+    response = client.request("GET", f"/api/poll?since={client.version}&timeout=0.5&_=1&_=2")
+    assert response.status == 200, (response.status, response.body)
 
 
 def test_post_without_content_length_gets_411(server):
@@ -1146,7 +1170,7 @@ def test_help_lists_the_flags(tmp_path):
     result = run_chatroom(CHATROOM, "--help", cwd=tmp_path)
     assert result.returncode == 0
     for flag in ("--host", "--port", "--data", "--poll-timeout", "--online-window", "--max-clients",
-                 "--log-polls"):
+                 "--max-clients-per-address", "--log-polls"):
         assert flag in result.stdout
 
 
@@ -1361,6 +1385,47 @@ def test_full_server_answers_newcomers_503_and_keeps_its_clients(start_server):
     wait_until(lambda: exchange(server.port, b"GET /api/poll?timeout=0 HTTP/1.1\r\n"
                                              b"Host: 127.0.0.1\r\n\r\n")[0] == 200,
                message="a newcomer to be served once the others left")
+
+
+def test_one_address_cannot_take_every_place(start_server):
+    # With --max-clients-per-address 3 and three connections open from 127.0.0.1, a fourth from
+    # there gets the quick 503 with Retry-After that a full server gives, while a newcomer from
+    # another address (127.0.0.2) is served and the three carry on. Once one of the three has
+    # gone, 127.0.0.1 may connect again.
+    server = start_server("--max-clients-per-address", "3")
+    request = b"GET /api/poll?timeout=0 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+    def connect(source="127.0.0.1"):
+        return socket.create_connection(("127.0.0.1", server.port), timeout=10,
+                                        source_address=(source, 0))
+
+    def served(connection):
+        connection.sendall(request)
+        return read_answer(connection)[0] == 200
+
+    held = [connect() for _ in range(3)]
+    try:
+        assert all(served(connection) for connection in held)
+        for _ in range(5):
+            with connect() as newcomer:
+                newcomer.sendall(request)
+                status, headers, body = read_answer(newcomer)
+            assert status == 503, status
+            assert int(headers["retry-after"]) > 0 and json.loads(body)["error"]
+        try:
+            elsewhere = connect("127.0.0.2")
+        except OSError:  # not every system routes all of 127.0.0.0/8 to loopback
+            elsewhere = None
+        if elsewhere is not None:
+            with elsewhere:
+                assert served(elsewhere), "a client from another address was refused"
+        assert all(served(connection) for connection in held), "a connected client was hurt"
+        held.pop().close()
+        wait_until(lambda: exchange(server.port, request)[0] == 200,
+                   message="127.0.0.1 to be served once one of its connections closed")
+    finally:
+        for connection in held:
+            connection.close()
 
 
 def test_too_many_parked_polls_release_the_oldest(start_server):
@@ -1657,6 +1722,10 @@ def test_asking_for_many_cursors_does_not_grow_memory(start_server):
 OVERSIZED = [
     # (what, the request without Host, Cookie and Content-Type (added by the test), status)
     ("request line over 64 KiB", "GET /api/poll?x=" + "a" * 70_000 + " HTTP/1.1\r\n\r\n", 414),
+    ("request line over 8 KiB",
+     "GET /api/poll?x=" + "a" * chatroom.MAX_REQUEST_LINE + " HTTP/1.1\r\n\r\n", 414),
+    ("headers over 32 KiB in all",
+     "GET / HTTP/1.1\r\n" + "".join(f"X-{i}: {'a' * 4000}\r\n" for i in range(9)) + "\r\n", 431),
     ("header line over 64 KiB", "GET / HTTP/1.1\r\nX-Big: " + "a" * 70_000 + "\r\n\r\n", 431),
     ("over 100 headers",
      "GET / HTTP/1.1\r\n" + "".join(f"X-{i}: 1\r\n" for i in range(101)) + "\r\n", 431),
@@ -1706,6 +1775,105 @@ def test_an_unread_body_is_never_taken_for_the_next_request(server, what, method
     assert answers[0][1]["connection"] == "close"
 
 
+def test_at_most_100_header_lines_and_32_kib_of_them(server):
+    # The limits are inclusive: MAX_HEADERS header lines are served, one more is a 431; headers
+    # of MAX_HEADER_BYTES in all are served, one byte more is a 431.
+    def request(lines):
+        return ("GET /api/poll?timeout=0 HTTP/1.1\r\n" + "".join(lines) + "\r\n").encode()
+
+    host = "Host: 127.0.0.1\r\n"
+    count = chatroom.MAX_HEADERS
+    assert exchange(server.port, request([host] + ["X-A: 1\r\n"] * (count - 1)))[0] == 200
+    assert exchange(server.port, request([host] + ["X-A: 1\r\n"] * count))[0] == 431
+    filler = chatroom.MAX_HEADER_BYTES - len(host) - len("X-Big: \r\n")
+    assert exchange(server.port, request([host, f"X-Big: {'b' * filler}\r\n"]))[0] == 200
+    assert exchange(server.port, request([host, f"X-Big: {'b' * (filler + 1)}\r\n"]))[0] == 431
+
+
+def smuggling_post(client, framing, body):
+    """A post of `body` whose length is given by the header lines `framing`."""
+    return (f"POST /api/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: sid={client.sid}\r\n"
+            f"Content-Type: application/json\r\n{framing}\r\n").encode("latin-1") + body
+
+
+SMUGGLING = [
+    # (what, header lines that give the length; {first} and {whole} are filled in)
+    ("two different Content-Length", "Content-Length: {first}\r\nContent-Length: {whole}\r\n"),
+    ("Content-Length and content-length", "Content-Length: {first}\r\ncontent-length: {whole}\r\n"),
+    ("the same Content-Length twice", "Content-Length: {whole}\r\nContent-Length: {whole}\r\n"),
+    ("Transfer-Encoding and Content-Length",
+     "Transfer-Encoding: chunked\r\nContent-Length: {whole}\r\n"),
+    ("a space in the name", "Content Length: {whole}\r\n"),
+    ("a NUL in the name", "Content-Length\x00: {whole}\r\n"),
+    ("a space before the colon", "Content-Length : {whole}\r\n"),
+    ("a folded line", "Content-Length:\r\n {whole}\r\n"),
+    ("a bare CR in a value", "X-Note: a\rContent-Length: {whole}\r\n"),
+]
+
+
+@pytest.mark.parametrize("what, framing", SMUGGLING, ids=[case[0] for case in SMUGGLING])
+def test_a_request_with_unclear_framing_is_refused(server, what, framing):
+    # A post whose length two programs could read differently, with a second request (a post as
+    # someone else) in its body: the server answers 400 and closes the connection, so that
+    # neither the post nor the request hidden in it is ever run.
+    client, hidden = new_client(server), new_client(server)
+    client.join()
+    hidden.join()
+    marker = secrets.token_hex(4)
+    inner = json.dumps({"text": f"hidden {marker}"}).encode()
+    body = json.dumps({"text": f"outer {marker}"}).encode() + smuggling_post(
+        hidden, f"Content-Length: {len(inner)}\r\n", inner)
+    first = len(json.dumps({"text": f"outer {marker}"}))
+    data = smuggling_post(client, framing.format(first=first, whole=len(body)), body)
+    answers = answers_to(server.port, data)
+    assert [status for status, _, _ in answers] == [400], (what, answers)
+    status, headers, answer = answers[0]
+    assert headers["connection"] == "close" and headers["content-type"] == "application/json"
+    assert json.loads(answer)["error"]
+    stored = [m["text"] for m in client.poll(since=None)["messages"]]
+    assert not [text for text in stored if marker in text], f"{what}: stored {stored[-3:]}"
+
+
+BAD_HEADS = [
+    # (what, the request's head without its final empty line)
+    ("a NUL in a value", "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: a\x00b\r\n"),
+    ("a control character in a value", "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: a\x01b\r\n"),
+    ("DEL in a value", "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: a\x7fb\r\n"),
+    ("a byte above ASCII in a name", "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-\xe9: 1\r\n"),
+    ("a slash in a name", "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX/A: 1\r\n"),
+    ("an empty name", "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n: 1\r\n"),
+    ("a method that is not a token", "G(T / HTTP/1.1\r\nHost: 127.0.0.1\r\n"),
+    ("a control character in the path", "GET /api/poll?x=\x01 HTTP/1.1\r\nHost: 127.0.0.1\r\n"),
+    ("a DEL in the path", "GET /\x7f HTTP/1.1\r\nHost: 127.0.0.1\r\n"),
+    ("a byte above ASCII in the path", "GET /\xe9 HTTP/1.1\r\nHost: 127.0.0.1\r\n"),
+    ("tabs between the words", "GET\t/\tHTTP/1.1\r\nHost: 127.0.0.1\r\n"),
+    ("two spaces between the words", "GET  / HTTP/1.1\r\nHost: 127.0.0.1\r\n"),
+]
+
+
+@pytest.mark.parametrize("what, head", BAD_HEADS, ids=[case[0] for case in BAD_HEADS])
+def test_a_malformed_request_head_is_refused(server, what, head):
+    # A header line or request line that breaks HTTP's grammar gets 400 in JSON and a close.
+    status, headers, body = exchange(server.port, (head + "\r\n").encode("latin-1"))
+    assert status == 400, (what, status, body)
+    assert headers["connection"] == "close" and json.loads(body)["error"]
+
+
+def test_tabs_and_latin_1_bytes_in_header_values_are_fine(server):
+    # What a value may hold besides visible ASCII (a tab, a byte above 0x7f) is served normally.
+    status, _, _ = exchange(server.port, b"GET /api/poll?timeout=0 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                         b"X-A: a\tb\xe9\r\nX-B:\t  padded  \t\r\n\r\n")
+    assert status == 200
+
+
+def test_a_request_cut_off_in_its_headers_is_not_served(server):
+    # A client that closes its side in the middle of the headers gets a 400, not an answer to
+    # the part it sent.
+    answers = answers_to(server.port, b"GET /api/poll?timeout=0 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                      b"X-Half: the rest never comes")
+    assert [status for status, _, _ in answers] == [400], answers
+
+
 CROSS_SITE = [
     # (what, headers, status)
     ("another site's Origin", {"Origin": "http://evil.example"}, 403),
@@ -1747,7 +1915,7 @@ def test_own_page_behind_an_https_proxy_may_post(server):
 
 
 @pytest.mark.parametrize("host", ["evil.example", "evil.example:8000", "127.0.0.1.evil.example",
-                                  "localhost.evil.example:80", "127.0.0.1@evil.example", "[::2]"])
+                                  "localhost.evil.example:80", "[::2]"])
 def test_a_foreign_host_name_is_refused(server, host):
     # DNS rebinding: a hostile page points its own name at 127.0.0.1 and talks to us as itself.
     # Its requests name its host: the page, a poll and a post all get 421, and nothing is saved.
@@ -1761,6 +1929,68 @@ def test_a_foreign_host_name_is_refused(server, host):
     assert f"rebound via {host}" not in [m["text"] for m in client.poll(since=None)["messages"]]
     for own in (f"127.0.0.1:{server.port}", f"localhost:{server.port}", "LOCALHOST"):
         assert client.request("GET", "/", headers={"Host": own}).status == 200, own
+
+
+BAD_HOSTS = [
+    # (what, the Host header lines)
+    ("no Host", ""),
+    ("two Host lines, ours first", "Host: 127.0.0.1\r\nHost: evil.example\r\n"),
+    ("two Host lines, the same", "Host: 127.0.0.1\r\nHost: 127.0.0.1\r\n"),
+    ("a port that is not a number", "Host: localhost:notaport\r\n"),
+    ("a user name before the host", "Host: 127.0.0.1@evil.example\r\n"),
+    ("an empty Host", "Host: \r\n"),
+    ("a space in the host", "Host: 127.0.0.1 evil.example\r\n"),
+    ("an IPv6 address without its bracket", "Host: [::1\r\n"),
+    ("brackets around no address", "Host: [zz]\r\n"),
+]
+
+
+@pytest.mark.parametrize("what, host_lines", BAD_HOSTS, ids=[case[0] for case in BAD_HOSTS])
+def test_an_http_1_1_request_needs_one_valid_host(server, what, host_lines):
+    # An HTTP/1.1 request without Host, with two, or with one that is not host[:port] gets 400
+    # (RFC 9112 section 3.2) for a page, a poll and a post alike, and the post is not stored.
+    client = new_client(server)
+    client.join()
+    text = f"posted with {what}"
+    for method, path, body in (("GET", "/", b""), ("GET", "/api/poll?timeout=0", b""),
+                               ("POST", "/api/messages", json.dumps({"text": text}).encode())):
+        head = (f"{method} {path} HTTP/1.1\r\n{host_lines}Cookie: sid={client.sid}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+        status, headers, answer = exchange(server.port, head.encode("latin-1") + body)
+        assert status == 400, (what, path, status, answer)
+        assert headers["connection"] == "close" and json.loads(answer)["error"]
+    assert text not in [m["text"] for m in client.poll(since=None)["messages"]]
+
+
+def test_an_http_1_0_request_may_leave_out_host(server):
+    # HTTP/1.0 had no Host header: such a request is still served.
+    assert exchange(server.port, b"GET /api/poll?timeout=0 HTTP/1.0\r\n\r\n")[0] == 200
+
+
+def test_the_absolute_form_is_served_and_judged_by_its_host(server):
+    # "GET http://127.0.0.1:PORT/path" (as sent to a proxy) is routed by its path, and the host
+    # in it counts instead of the Host header: ours is served whatever Host says, a foreign one
+    # gets 421 whatever Host says, and one with a user name gets 400.
+    client = new_client(server)
+    client.join()
+    ours = f"http://127.0.0.1:{server.port}"
+
+    def ask(method, target, host, body=b""):
+        head = (f"{method} {target} HTTP/1.1\r\nHost: {host}\r\nCookie: sid={client.sid}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+        return exchange(server.port, head.encode() + body)
+
+    status, _, body = ask("GET", f"{ours}/api/poll?timeout=0", "evil.example")
+    assert status == 200 and json.loads(body)["you"]["id"]
+    assert ask("GET", ours, "evil.example")[0] == 200  # no path: the page, at "/"
+    assert ask("GET", f"HTTP://LOCALHOST:{server.port}/chime.wav", "127.0.0.1")[0] == 200
+    posted = ask("POST", f"{ours}/api/messages", "evil.example", b'{"text": "absolute"}')
+    assert posted[0] == 201 and json.loads(posted[2])["message"]["text"] == "absolute"
+    for target in ("http://evil.example/", "http://evil.example/api/poll?timeout=0",
+                   f"https://evil.example:{server.port}/"):
+        assert ask("GET", target, f"127.0.0.1:{server.port}")[0] == 421, target
+    assert ask("GET", f"http://127.0.0.1@evil.example:{server.port}/", "127.0.0.1")[0] == 400
+    assert ask("GET", f"http://evil.example@127.0.0.1:{server.port}/", "127.0.0.1")[0] == 400
 
 
 def test_every_answer_carries_the_security_headers(server):
@@ -1796,6 +2026,40 @@ def test_every_answer_carries_the_security_headers(server):
         assert headers.get("referrer-policy") == "no-referrer", what
         if what not in ("page", "sound"):
             assert headers.get("cache-control") == "no-store", what
+
+
+IMF_FIXDATE = re.compile(r"(Mon|Tue|Wed|Thu|Fri|Sat|Sun), \d\d (Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|"
+                         r"Sep|Oct|Nov|Dec) \d{4} \d\d:\d\d:\d\d GMT")
+
+
+def test_every_answer_carries_a_date(server, start_server):
+    # Every answer has a Date in the one format RFC 9110 allows a sender (IMF-fixdate), from
+    # the server's clock (within an hour of ours: the same machine): the page, a poll, errors
+    # of every kind, those http.server makes itself, and the 503 of a full server, which the
+    # accepting thread writes.
+    host = "Host: 127.0.0.1\r\n"
+    requests = [
+        ("page", f"GET / HTTP/1.1\r\n{host}\r\n", 200),
+        ("page, HEAD", f"HEAD / HTTP/1.1\r\n{host}\r\n", 200),
+        ("poll", f"GET /api/poll?timeout=0 HTTP/1.1\r\n{host}\r\n", 200),
+        ("not found", f"GET /nowhere HTTP/1.1\r\n{host}\r\n", 404),
+        ("garbage", "BLAH\r\n\r\n", 400),
+        ("unknown method", f"BREW / HTTP/1.1\r\n{host}\r\n", 501),
+        ("request line too long", "GET /" + "a" * 70_000 + " HTTP/1.1\r\n\r\n", 414),
+        ("too many headers", f"GET / HTTP/1.1\r\n{host}" + "X-A: 1\r\n" * 200 + "\r\n", 431),
+    ]
+    answers = [(what, status, exchange(server.port, request.encode(), method=request[:4].strip()))
+               for what, request, status in requests]
+    full = start_server("--max-clients", "1")
+    with socket.create_connection(("127.0.0.1", full.port), timeout=10) as held:
+        held.sendall(requests[2][1].encode())
+        assert read_answer(held)[0] == 200  # it holds the one place
+        answers.append(("server full", 503, exchange(full.port, requests[2][1].encode())))
+    for what, status, (got, headers, _) in answers:
+        assert got == status, (what, got)
+        assert IMF_FIXDATE.fullmatch(headers.get("date", "")), (what, headers.get("date"))
+        sent = email.utils.parsedate_to_datetime(headers["date"]).timestamp()
+        assert abs(sent - time.time()) < 3600, (what, headers["date"])
 
 
 def test_a_storage_failure_refuses_the_post_and_announces_nothing(start_server):
