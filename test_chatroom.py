@@ -963,7 +963,7 @@ BAD_REQUESTS = [
      b'{"text": "' + b"x" * 17000 + b'"}', 413),
     ("name is null", "POST", "/api/name", {"Content-Type": "application/json"},
      b'{"name": null}', 400),
-    ("wrong method on messages", "GET", "/api/messages", {}, None, 405),
+    ("wrong method on messages", "PUT", "/api/messages", {}, None, 405),
     ("wrong method on poll", "POST", "/api/poll", {"Content-Type": "application/json"}, b"{}", 405),
     ("DELETE the page", "DELETE", "/", {}, None, 405),
     ("since is text", "GET", "/api/poll?since=abc", {}, None, 400),
@@ -1015,6 +1015,74 @@ def test_timeout_above_sixty_is_accepted(server):
     other.post("for the long poll")
     thread.join(20)
     assert not thread.is_alive() and result["answer"]["messages"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Older history: GET /api/messages?before=ID&limit=N
+# --------------------------------------------------------------------------------------------------
+
+def history(client, query=""):
+    """The ids of the messages GET /api/messages answers with, checking that it is a 200."""
+    response = client.request("GET", "/api/messages" + query)
+    assert response.status == 200, (query, response.status, response.body)
+    return [message["id"] for message in response.json["messages"]]
+
+
+def test_history_pages_back_to_the_first_message(start_server):
+    # 250 stored messages, with gaps between their ids as renames and arrivals leave, read back
+    # from the newest a page at a time (100, the default, and 7): each message once, in order, and
+    # the last page, shorter than asked for, ends with the first message.
+    server = start_server()
+    ids = list(range(3, 503, 2))
+    store_messages(server, [(i, f"m{i}", i) for i in ids])
+    client = Client(server)
+    for size, limit in ((100, ""), (7, "&limit=7")):
+        pages = [history(client, "?" + limit[1:])]
+        while len(pages[-1]) == size and len(pages) < 100:
+            pages.append(history(client, f"?before={pages[-1][0]}{limit}"))
+        assert len(pages[-1]) < size, f"pages of {size} never came to an end"
+        read = [i for page in reversed(pages) for i in page]
+        assert read == ids, f"pages of {size}: gaps, repeats or disorder"
+    assert history(client, "?limit=500") == ids
+    assert history(client, f"?before={10 ** 30}&limit=3") == ids[-3:], "a huge before is the end"
+    assert history(client, f"?before={ids[0]}") == history(client, "?before=0") == []
+    snapshot = client.poll(since=None)["messages"]
+    response = client.request("GET", "/api/messages")
+    assert response.json["messages"] == snapshot, "history messages differ from a poll's"
+
+
+@pytest.mark.parametrize("query", ["before=", "before=abc", "before=-1", "before=1.5", "limit=",
+                                   "limit=0", "limit=-1", "limit=501", "limit=1e3",
+                                   "before=10&limit=", "limit=" + "9" * 5000])
+def test_bad_history_requests_are_refused(server, query):
+    # An empty, malformed, negative, zero or too large `before` or `limit` is a 400 in JSON; a
+    # limit over 500 is refused, not cut down, since a shorter page means "there is no more".
+    response = Client(server).request("GET", "/api/messages?" + query)
+    assert response.status == 400, (query, response.status, response.body)
+    assert response.headers["Content-Type"] == "application/json"
+    assert len(response.json["error"]) > 10
+
+
+def test_reading_history_needs_no_cookie_sets_none_and_counts_no_one(server):
+    # A reader with a cookie the room has never seen, and one without any, read the history
+    # (GET and HEAD): both are answered, neither is given a cookie, nothing may be cached, and
+    # neither is listed online, even once someone who polls after them is.
+    someone_says(server, "something to read")
+    someone_says(server, "and something more")
+    reader, stranger, control = new_client(server), Client(server), new_client(server)
+    for client in (reader, stranger):
+        got = client.request("GET", "/api/messages?limit=2")
+        head = client.request("HEAD", "/api/messages?limit=2")
+        for response in (got, head):
+            assert response.status == 200, (response.status, response.body)
+            assert "Set-Cookie" not in response.headers, "reading history handed out a cookie"
+            assert response.headers["Cache-Control"] == "no-store"
+        assert len(got.json["messages"]) == 2 and head.body == b""
+        assert head.headers["Content-Length"] == got.headers["Content-Length"]
+    assert stranger.sid is None
+    wait_until_online(control)
+    online = [person["id"] for person in control.poll(since=None)["online"]]
+    assert chatroom.User(reader.sid).id not in online, "reading history counted as being online"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1246,13 +1314,22 @@ def server_memory(server):
 
 def fill_room(server, count, text):
     """Stop the server, store `count` messages with this text directly in its file, restart it."""
+    store_messages(server, [(i, text, 0) for i in range(1, count + 1)])
+
+
+def store_messages(server, messages, same_port=False):
+    """Stop the server, store messages [(id, text, time in ms)] directly in its file, restart it.
+
+    On the same port if open pages must find it again; the room's version moves up to the
+    newest id.
+    """
+    port = server.port if same_port else 0
     server.stop()
     with sqlite3.connect(server.data) as db:
-        db.executemany("INSERT INTO messages VALUES (?, 'u', 'n', ?, 0)",
-                       [(i, text) for i in range(1, count + 1)])
-        db.execute("UPDATE room SET version = ?", (count,))
+        db.executemany("INSERT INTO messages VALUES (?, 'u', 'n', ?, ?)", messages)
+        db.execute("UPDATE room SET version = max(version, ?)", (max(m[0] for m in messages),))
     db.close()
-    server.start()
+    server.start(port)
 
 
 def is_open(connection, wait=0):
