@@ -119,6 +119,10 @@ SHUTDOWN_CHECK_INTERVAL = 0.01  # seconds between two looks, then, at whether th
 # Messages and names.
 SNAPSHOT_SIZE = 100  # messages a page gets when it first loads
 MAX_BATCH = 500  # messages in one answer to a page that fell far behind; it asks again for the rest
+HISTORY_PAGE = 100  # older messages a reader gets each time they scroll back, unless they ask for
+#                     another number (GET /api/messages?before=ID&limit=N)
+MAX_HISTORY_PAGE = 500  # the most one such answer may hold, as for a poll's batch. A larger limit is
+#                         refused, not cut down: "fewer than asked for" must mean "that is all"
 MAX_TEXT_LENGTH = 2000  # characters in one message
 MAX_NAME_LENGTH = 40  # characters in a name
 MAX_BODY_BYTES = 16 * 1024  # a JSON body larger than this is refused unread
@@ -1123,6 +1127,25 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         if poll.unsent:
             self.write(poll.unsent)
 
+    def get_history(self, query):
+        """GET /api/messages?before=ID&limit=N: older messages, for a reader scrolling back.
+
+        At most `limit` messages whose id is below `before` (the latest ones, without it),
+        oldest first; fewer than `limit` means there are no more. A plain read from the file:
+        it needs no cookie, never waits, and counts no one as online.
+        """
+        # Blank values kept, so that "before=" is refused rather than taken for "no before".
+        params = parse_qs(query, keep_blank_values=True)
+        before = parse_number(params, "before", integer=True)
+        limit = parse_number(params, "limit", integer=True)
+        limit = HISTORY_PAGE if limit is None else limit
+        if not 1 <= limit <= MAX_HISTORY_PAGE:
+            raise RequestError(400, f"limit must be a whole number from 1 to {MAX_HISTORY_PAGE}.")
+        # No message is newer than the room, and a huge `before` would not fit SQLite's integers.
+        newest = self.server.room.version
+        upto = newest if before is None else min(before - 1, newest)
+        self.send_json(200, {"messages": self.server.room.storage.latest_messages(upto, limit)})
+
     def post_message(self, query):
         """POST /api/messages {"text": ...}: check, rate-limit, save and announce a message."""
         self.check_origin()
@@ -1687,7 +1710,7 @@ ROUTES = {
     "/": {"GET": ChatHandler.get_page},
     "/chime.wav": {"GET": ChatHandler.get_chime},
     "/api/poll": {"GET": ChatHandler.get_poll},
-    "/api/messages": {"POST": ChatHandler.post_message},
+    "/api/messages": {"GET": ChatHandler.get_history, "POST": ChatHandler.post_message},
     "/api/name": {"POST": ChatHandler.post_name},
 }
 

@@ -8,6 +8,7 @@ restart them. Waits are bounded: a test that would hang fails instead.
 """
 
 import base64
+import datetime
 import email.utils
 import gzip
 import hashlib
@@ -29,6 +30,7 @@ import threading
 import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -1008,7 +1010,7 @@ BAD_REQUESTS = [
      b'{"text": "' + b"x" * 17000 + b'"}', 413),
     ("name is null", "POST", "/api/name", {"Content-Type": "application/json"},
      b'{"name": null}', 400),
-    ("wrong method on messages", "GET", "/api/messages", {}, None, 405),
+    ("wrong method on messages", "PUT", "/api/messages", {}, None, 405),
     ("wrong method on poll", "POST", "/api/poll", {"Content-Type": "application/json"}, b"{}", 405),
     ("DELETE the page", "DELETE", "/", {}, None, 405),
     ("since is text", "GET", "/api/poll?since=abc", {}, None, 400),
@@ -1082,6 +1084,74 @@ def test_timeout_above_sixty_is_accepted(server):
     other.post("for the long poll")
     thread.join(20)
     assert not thread.is_alive() and result["answer"]["messages"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Older history: GET /api/messages?before=ID&limit=N
+# --------------------------------------------------------------------------------------------------
+
+def history(client, query=""):
+    """The ids of the messages GET /api/messages answers with, checking that it is a 200."""
+    response = client.request("GET", "/api/messages" + query)
+    assert response.status == 200, (query, response.status, response.body)
+    return [message["id"] for message in response.json["messages"]]
+
+
+def test_history_pages_back_to_the_first_message(start_server):
+    # 250 stored messages, with gaps between their ids as renames and arrivals leave, read back
+    # from the newest a page at a time (100, the default, and 7): each message once, in order, and
+    # the last page, shorter than asked for, ends with the first message.
+    server = start_server()
+    ids = list(range(3, 503, 2))
+    store_messages(server, [(i, f"m{i}", i) for i in ids])
+    client = Client(server)
+    for size, limit in ((100, ""), (7, "&limit=7")):
+        pages = [history(client, "?" + limit[1:])]
+        while len(pages[-1]) == size and len(pages) < 100:
+            pages.append(history(client, f"?before={pages[-1][0]}{limit}"))
+        assert len(pages[-1]) < size, f"pages of {size} never came to an end"
+        read = [i for page in reversed(pages) for i in page]
+        assert read == ids, f"pages of {size}: gaps, repeats or disorder"
+    assert history(client, "?limit=500") == ids
+    assert history(client, f"?before={10 ** 30}&limit=3") == ids[-3:], "a huge before is the end"
+    assert history(client, f"?before={ids[0]}") == history(client, "?before=0") == []
+    snapshot = client.poll(since=None)["messages"]
+    response = client.request("GET", "/api/messages")
+    assert response.json["messages"] == snapshot, "history messages differ from a poll's"
+
+
+@pytest.mark.parametrize("query", ["before=", "before=abc", "before=-1", "before=1.5", "limit=",
+                                   "limit=0", "limit=-1", "limit=501", "limit=1e3",
+                                   "before=10&limit=", "limit=" + "9" * 5000])
+def test_bad_history_requests_are_refused(server, query):
+    # An empty, malformed, negative, zero or too large `before` or `limit` is a 400 in JSON; a
+    # limit over 500 is refused, not cut down, since a shorter page means "there is no more".
+    response = Client(server).request("GET", "/api/messages?" + query)
+    assert response.status == 400, (query, response.status, response.body)
+    assert response.headers["Content-Type"] == "application/json"
+    assert len(response.json["error"]) > 10
+
+
+def test_reading_history_needs_no_cookie_sets_none_and_counts_no_one(server):
+    # A reader with a cookie the room has never seen, and one without any, read the history
+    # (GET and HEAD): both are answered, neither is given a cookie, nothing may be cached, and
+    # neither is listed online, even once someone who polls after them is.
+    someone_says(server, "something to read")
+    someone_says(server, "and something more")
+    reader, stranger, control = new_client(server), Client(server), new_client(server)
+    for client in (reader, stranger):
+        got = client.request("GET", "/api/messages?limit=2")
+        head = client.request("HEAD", "/api/messages?limit=2")
+        for response in (got, head):
+            assert response.status == 200, (response.status, response.body)
+            assert "Set-Cookie" not in response.headers, "reading history handed out a cookie"
+            assert response.headers["Cache-Control"] == "no-store"
+        assert len(got.json["messages"]) == 2 and head.body == b""
+        assert head.headers["Content-Length"] == got.headers["Content-Length"]
+    assert stranger.sid is None
+    wait_until_online(control)
+    online = [person["id"] for person in control.poll(since=None)["online"]]
+    assert chatroom.User(reader.sid).id not in online, "reading history counted as being online"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1314,13 +1384,22 @@ def server_memory(server):
 
 def fill_room(server, count, text):
     """Stop the server, store `count` messages with this text directly in its file, restart it."""
+    store_messages(server, [(i, text, 0) for i in range(1, count + 1)])
+
+
+def store_messages(server, messages, same_port=False):
+    """Stop the server, store messages [(id, text, time in ms)] directly in its file, restart it.
+
+    On the same port if open pages must find it again; the room's version moves up to the
+    newest id.
+    """
+    port = server.port if same_port else 0
     server.stop()
     with sqlite3.connect(server.data) as db:
-        db.executemany("INSERT INTO messages VALUES (?, 'u', 'n', ?, 0)",
-                       [(i, text) for i in range(1, count + 1)])
-        db.execute("UPDATE room SET version = ?", (count,))
+        db.executemany("INSERT INTO messages VALUES (?, 'u', 'n', ?, ?)", messages)
+        db.execute("UPDATE room SET version = max(version, ?)", (max(m[0] for m in messages),))
     db.close()
-    server.start()
+    server.start(port)
 
 
 def is_open(connection, wait=0):
@@ -2927,6 +3006,266 @@ def test_unread_count_in_the_title_while_hidden(browser_room, people):
     expect(max_.page).to_have_title(PAGE_TITLE)
 
 
+# Reading the room: older messages at the top, links, days, reading back while messages arrive, and
+# the panel on the long-poll.
+
+IN_LOS_ANGELES = {"timezone_id": "America/Los_Angeles", "locale": "en-US"}
+MAX_ROWS = int(re.search(r"const MAX_ROWS = (\d+);", (ROOT / "index.html").read_text()).group(1))
+SCROLL_LOG_TO_THE_TOP = """() => {
+  const log = document.getElementById("log");
+  log.scrollTop = 0;
+  const row = log.querySelector("li[data-id]");
+  return { id: row.dataset.id, top: row.getBoundingClientRect().top };
+}"""
+DAYS_AND_THEIR_FIRST_MESSAGE = """() => [...document.querySelectorAll("#messages li.day")].map(
+  (day) => [day.textContent, Number(day.nextElementSibling.dataset.id)])"""
+WATCH_THE_PANEL = """() => {
+  window.__panelChanges = 0;
+  new MutationObserver((records) => { window.__panelChanges += records.length; }).observe(
+    document.getElementById("panel"),
+    { subtree: true, childList: true, characterData: true, attributes: true });
+}"""
+
+
+def in_los_angeles(days_ago):
+    """The date in Los Angeles `days_ago` days ago."""
+    today = datetime.datetime.now(ZoneInfo(IN_LOS_ANGELES["timezone_id"])).date()
+    return today - datetime.timedelta(days=days_ago)
+
+
+def evening_in_los_angeles(days_ago, second=0):
+    """8 pm in Los Angeles `days_ago` days ago, plus `second` s, in ms since 1970. In UTC it is
+    already the next day: a page that counted days in UTC would put it under another one."""
+    moment = datetime.datetime.combine(in_los_angeles(days_ago), datetime.time(20),
+                                       ZoneInfo(IN_LOS_ANGELES["timezone_id"]))
+    return int((moment + datetime.timedelta(seconds=second)).timestamp() * 1000)
+
+
+def message_ids(page):
+    return page.locator("#messages li[data-id]").evaluate_all(
+        "rows => rows.map((row) => Number(row.dataset.id))")
+
+
+def scroll_log(page, where):
+    """Scroll the log ("top", "bottom", or a fraction of the way down) and wait until the page's
+    own scroll handler has run, as after a reader's scrolling. Returns the new scrollTop."""
+    return page.locator("#log").evaluate("""async (log, where) => {
+        const end = log.scrollHeight - log.clientHeight;
+        log.scrollTop = where === "top" ? 0 : where === "bottom" ? end : where * end;
+        await new Promise((resolve) => requestAnimationFrame(() => setTimeout(resolve)));
+        return log.scrollTop;
+    }""", where)
+
+
+def test_scrolling_to_the_top_brings_older_messages_in_place(start_server, people):
+    # Wes, in Los Angeles, opens a room of 250 messages from before today and sees the latest 100.
+    # At the top of the log the 100 before them come in above, and the message at the top stays
+    # where it was on screen; at the top again, the first 50, and "This is the beginning of the
+    # room." Each day's divider (the date, "Yesterday", as his clock counts days) stands just
+    # before its first message, also where two pages met. None of it is read out, or chimes.
+    server = start_server()
+    store_messages(server, [(i, f"old message #{i}", evening_in_los_angeles(2 if i <= 130 else 1, i))
+                            for i in range(1, 251)])
+    wes = people(server, init_script=RECORD_CHIMES + RECORD_ANNOUNCEMENTS, **IN_LOS_ANGELES)
+    page, rows, beginning = wes.page, wes.page.locator("#messages li[data-id]"), None
+    beginning = page.locator("#beginning")
+    expect(rows).to_have_count(100)
+    for count in (200, 250):
+        expect(beginning).to_be_hidden()
+        place = page.evaluate(SCROLL_LOG_TO_THE_TOP)
+        expect(rows).to_have_count(count)
+        now_at = page.locator(f'#messages li[data-id="{place["id"]}"]').evaluate(
+            "row => row.getBoundingClientRect().top")
+        assert abs(now_at - place["top"]) < 1, \
+            f"the message at the top jumped from {place['top']} to {now_at} px"
+    expect(beginning).to_have_text("This is the beginning of the room.")
+    expect(beginning).to_be_visible()
+    assert message_ids(page) == list(range(1, 251)), "gaps, repeats or disorder"
+    day = in_los_angeles(2)
+    assert page.evaluate(DAYS_AND_THEIR_FIRST_MESSAGE) == [
+        [f"{day:%A}, {day:%B} {day.day}, {day.year}", 1], ["Yesterday", 131]]
+    heard = [text for region, text in wes.announced() if region == "log"]
+    assert heard == [], f"older messages were read out as news: {heard[:2]}"
+    assert wes.plays() == [], "older messages chimed"
+
+
+def test_a_message_from_today_starts_a_new_day(start_server, people):
+    # Xia opens a room whose two messages are from yesterday evening: "Yesterday" stands above
+    # them. Someone says something now: "Today" stands just before it.
+    server = start_server()
+    store_messages(server, [(1, "late yesterday", evening_in_los_angeles(1)),
+                            (2, "later still", evening_in_los_angeles(1, 60))])
+    xia = people(server, **IN_LOS_ANGELES)
+    xia.sees("later still")
+    assert xia.page.evaluate(DAYS_AND_THEIR_FIRST_MESSAGE) == [["Yesterday", 1]]
+    text = unique("this morning")
+    message_id = someone_says(server, text)
+    xia.sees(text)
+    assert xia.page.evaluate(DAYS_AND_THEIR_FIRST_MESSAGE) == [["Yesterday", 1],
+                                                               ["Today", message_id]]
+
+
+def test_web_addresses_become_links_and_nothing_else_does(browser_room, people):
+    # Yan's message has web addresses ending a sentence, in brackets, in quotes and in angle
+    # brackets, a javascript: and a data: address, one that looks like a web address but is not
+    # one (new URL() refuses it), and markup. Only the web addresses are links, without the
+    # punctuation around them, each opening in a new tab that cannot reach back to the room; the
+    # rest is text, exactly as typed.
+    yan = people(browser_room)
+    text = ('See https://example.com/a?b=1&c=2. (Or https://en.wikipedia.org/wiki/Foo_(bar)), '
+            '"https://example.org/q" and <https://example.net/>; not javascript:alert(1), '
+            'JavaScript://example.com/%0Aalert(1), data:text/html,<b>x</b>, https://[nope]/ nor '
+            '<a href="javascript:window.__xss=1">this</a> ' + secrets.token_hex(3))
+    yan.say(text)
+    shown = yan.row(text).locator("p.text")
+    expect(shown).to_have_text(text)
+    links = shown.locator("a").evaluate_all(
+        "links => links.map((a) => [a.getAttribute('href'), a.textContent, a.target, a.rel])")
+    addresses = ["https://example.com/a?b=1&c=2", "https://en.wikipedia.org/wiki/Foo_(bar)",
+                 "https://example.org/q", "https://example.net/"]
+    assert links == [[address, address, "_blank", "noopener noreferrer nofollow"]
+                     for address in addresses], links
+    assert shown.locator(":not(a)").count() == 0, "the message made elements other than links"
+    assert yan.page.evaluate("window.__xss") is None
+
+
+def test_reading_back_is_not_yanked_and_the_newest_is_a_click_away(start_server, people):
+    # Zoe (laptop), Abe (a 390x844 phone) and Ida (a tall narrow window, 600x1200) open a room of
+    # 40 messages where three others are online. Each sees the newest message whole, and the next
+    # one from someone else scrolls into view: in a narrow window the online list sits under the
+    # log, and drawn after the messages it used to shorten the log, leaving it short of the
+    # bottom. Abe's keyboard comes up (the window gets shorter): the newest stays in view.
+    # Scrolled up, new messages leave the log where it is, and "2 new messages" appears at its
+    # bottom; clicking it (Zoe presses Enter on it) shows the newest, and it goes, leaving the
+    # keyboard in the log. Scrolling down to the bottom clears it too, and the next time the count
+    # starts again from one.
+    server = start_server()
+    store_messages(server, [(i, f"earlier #{i}", int(time.time() * 1000)) for i in range(1, 41)])
+    for _ in range(3):
+        new_client(server).join()
+    readers = [people(server, viewport={"width": 1100, "height": 700}),
+               people(server, viewport={"width": 390, "height": 844}, is_mobile=True,
+                      has_touch=True),
+               people(server, viewport={"width": 600, "height": 1200})]
+    for person in readers:
+        expect(person.page.locator("#online li")).to_have_count(6)
+        expect(person.row("earlier #40")).to_be_in_viewport(ratio=1)
+    text = unique("at the bottom")
+    someone_says(server, text)
+    for person in readers:
+        expect(person.row(text)).to_be_in_viewport(ratio=1)
+    readers[1].page.set_viewport_size({"width": 390, "height": 500})
+    expect(readers[1].row(text)).to_be_in_viewport(ratio=1)
+
+    said = [unique("while they read back") for _ in range(2)]
+    read_at = [scroll_log(person.page, 0.3) for person in readers]
+    for text in said:
+        last_id = someone_says(server, text)
+    for person, scroll_top in zip(readers, read_at):
+        person.sees(said[-1])
+        jump = person.page.locator("#jump")
+        expect(jump).to_have_text(re.compile(r"^2 new messages\b"))
+        assert person.page.locator("#log").evaluate("log => log.scrollTop") == scroll_top, \
+            "the log moved under someone reading back"
+        expect(person.row(said[-1])).not_to_be_in_viewport()
+        if person is readers[0]:
+            jump.press("Enter")
+            expect(person.page.locator("#log")).to_be_focused()
+        else:
+            jump.click()
+        expect(person.row(said[-1])).to_be_in_viewport(ratio=1)
+        expect(jump).to_be_hidden()
+        person.caught_up(last_id)
+
+    for scroll_to in ("bottom", None):
+        for person in readers:
+            scroll_log(person.page, 0.3)
+        text = unique("and one more")
+        someone_says(server, text)
+        for person in readers:
+            jump = person.page.locator("#jump")
+            expect(jump).to_have_text(re.compile(r"^1 new message\b"))
+            if scroll_to:
+                scroll_log(person.page, scroll_to)
+                expect(jump).to_be_hidden()
+                expect(person.row(text)).to_be_in_viewport(ratio=1)
+
+
+def test_the_panel_shows_the_long_poll_at_work(browser_room, people):
+    # Bea opens "How this page talks to the server" (closed at first). It shows her poll open, the
+    # seconds of its wait ticking; when someone posts, that poll's answer with the message it
+    # carried and the new version, and her next poll open; her own post, and the rate limit.
+    # Closed, it is not touched at all, yet shows on opening what happened meanwhile. It stays
+    # open across a reload, and closed once closed.
+    bea = people(browser_room)
+    page = bea.page
+    panel, summary = page.locator("#panel"), page.locator("#panel summary")
+    open_poll, waiting = page.locator("#panel-open"), page.locator("#panel-waiting")
+    done = page.locator("#panel-done li")
+    expect(panel).not_to_have_attribute("open", "")
+    summary.click()
+    expect(open_poll).to_have_text(re.compile(r"^GET /api/poll\?since=\d+$"))
+    expect(waiting).to_have_text(re.compile(r"^, waiting [1-9]\d*\ss…$"))  # it has ticked
+    message_id = someone_says(browser_room, unique("for Bea's panel"))
+    expect(done.filter(has_text=f"version {message_id}")).to_have_text(re.compile(
+        rf"^GET /api/poll\?since=\d+ answered after [\d.]+\sm?s: 1 new message, "
+        rf"version {message_id}$"))
+    expect(open_poll).to_have_text(re.compile(r"^GET /api/poll\?since=\d+$"))
+    assert int(open_poll.text_content().split("=")[1]) >= message_id
+    bea.say(unique("Bea posts"))
+    expect(done.filter(has_text="POST").first).to_have_text(
+        re.compile(r"^POST /api/messages: 201 in \d+\sms$"))
+    hit_the_rate_limit(bea)
+    expect(done.filter(has_text="429")).to_have_text(
+        re.compile(r"^POST /api/messages: 429: wait \d+\ss$"))
+
+    summary.click()
+    expect(panel).not_to_have_attribute("open", "")
+    page.evaluate(WATCH_THE_PANEL)
+    closed_at = page.evaluate("performance.now()")
+    quiet_id = someone_says(browser_room, unique("while Bea's panel is closed"))
+    bea.caught_up(quiet_id)
+    wait_until(lambda: page.evaluate("performance.now()") > closed_at + 1100,
+               message="the panel's tick to have come, had it been running")
+    assert page.evaluate("window.__panelChanges") == 0, "the closed panel was drawn"
+    summary.click()
+    expect(done.filter(has_text=f"version {quiet_id}")).to_have_count(1)
+
+    bea.reload()
+    expect(panel).to_have_attribute("open", "")
+    expect(open_poll).to_have_text(re.compile(r"^GET /api/poll"))
+    summary.click()
+    bea.reload()
+    expect(panel).not_to_have_attribute("open", "")
+
+
+def test_a_long_page_keeps_its_size_bounded(start_server, people):
+    # Cal's page is open while MAX_ROWS + 500 messages come in (after a restart, in batches, as
+    # to a page that was away): it holds MAX_ROWS of them, the newest in view. Back at the top,
+    # the dropped ones come back a page at a time, and the newest go instead; "Newest messages"
+    # brings those back.
+    server = start_server()
+    cal = people(server)
+    count = MAX_ROWS + 500
+    store_messages(server, [(i, f"one of many #{i}", int(time.time() * 1000))
+                            for i in range(1, count + 1)], same_port=True)
+    # The page finds the server again by itself (its first retry comes after about a second).
+    expect(cal.row(f"one of many #{count}")).to_have_count(1, timeout=15_000)
+    rows = cal.page.locator("#messages li[data-id]")
+    expect(cal.row(f"one of many #{count}")).to_be_in_viewport()
+    assert message_ids(cal.page) == list(range(count - MAX_ROWS + 1, count + 1))
+    scroll_log(cal.page, "top")
+    expect(cal.row(f"one of many #{count - MAX_ROWS}")).to_have_count(1)
+    expect(rows).to_have_count(MAX_ROWS)
+    assert message_ids(cal.page)[0] == count - MAX_ROWS - 100 + 1
+    jump = cal.page.locator("#jump")
+    expect(jump).to_have_text(re.compile(r"^Newest messages\b"))
+    jump.click()
+    expect(cal.row(f"one of many #{count}")).to_be_in_viewport()
+    expect(jump).to_be_hidden()
+    assert message_ids(cal.page) == list(range(count - 100 + 1, count + 1))
+
+
 def test_a_normal_visit_has_no_errors(browser_room, people):
     # Nia and Oto load the page, chat and rename: no console error (CSP violations included),
     # no uncaught error, no failed request and no error answer.
@@ -3133,9 +3472,10 @@ def hit_the_rate_limit(person):
 
 
 def test_axe_finds_nothing_in_any_state(start_server, people):
-    # axe-core audits the page in four states (an empty room, messages, the name editor open, the
-    # rate-limit notice shown), on a laptop and a phone, in the light and the dark theme: it
-    # finds no violation.
+    # axe-core audits the page in five states (an empty room, messages, the name editor open, the
+    # rate-limit notice shown, and reading back at the top of the log, with links, days, "1 new
+    # message" and the panel on the long-poll open), on a laptop and a phone, in the light and
+    # the dark theme: it finds no violation.
     if Axe is None:
         browser_unavailable("axe-playwright-python is not installed")
     server = start_server()
@@ -3168,6 +3508,17 @@ def test_axe_finds_nothing_in_any_state(start_server, people):
         person.page.locator("#name-input").press("Escape")
         hit_the_rate_limit(person)
     audit("rate-limit notice")
+    for number in range(10):
+        someone_says(server, f"Earlier, #{number}: see https://example.com/{number}.")
+    for person in screens.values():
+        person.page.locator("#panel summary").click()
+        scroll_log(person.page, "top")
+        expect(person.page.locator("#beginning")).to_be_visible()
+    someone_says(server, "News for those reading back")
+    for person in screens.values():
+        expect(person.page.locator("#jump")).to_be_visible()
+        expect(person.page.locator("#panel-done li")).not_to_have_count(0)
+    audit("reading back, the panel open")
     assert found == {}, "\n".join(f"{where}: {line}" for where, lines in found.items()
                                   for line in lines)
 
