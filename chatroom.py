@@ -171,18 +171,18 @@ CONTENT_SECURITY_POLICY = (
 # 2. The room: a version number, the list of pending polls, and how a change answers them
 # ==================================================================================================
 
-# Who writes a parked poll's answer. It is decided once, under the room's lock, and never changes:
-# so however threads interleave, each answer has exactly one writer.
-ROOM_WRITES = "room"  # the thread that changed the room writes it (Room.write_answers)
-POLL_WRITES = "poll"  # the poll's own thread writes it (time-out, shutdown, or not writable by us)
-
-
 class PendingPoll:
     """A poll parked in the room: who asked, what they have seen, and how to answer them.
 
-    This is the room's list of pending requests. `answer_bytes` turns an answer's JSON body into
-    the very bytes the poll's own thread would write (status line, headers, body); it is None
-    for a poll that only its own thread may answer (see ChatHandler.room_may_answer).
+    The room keeps these in its list of pending polls, Room._pending. Who writes a poll's answer
+    follows from that list, so that each answer has exactly one writer however threads
+    interleave: while the poll is in the list, its own thread may take it out again (nothing new
+    after its time-out; the room closing); once a change has taken the list, the poll is that
+    change's to answer, until it is `done` with it.
+
+    `answer_bytes` turns an answer's JSON body into the very bytes the poll's own thread would
+    write (status line, headers, body); it is None for a poll that only its own thread may
+    answer (see ChatHandler.room_may_answer).
     """
 
     def __init__(self, user, since, connection=None, answer_bytes=None):
@@ -190,15 +190,10 @@ class PendingPoll:
         self.since = since
         self.connection = connection  # its socket
         self.answer_bytes = answer_bytes
-        self.writer = None  # ROOM_WRITES or POLL_WRITES, once chosen
-        self.written = False  # the room has written all that the socket would take at once,
+        self.done = False  # the change that took it is done with it: its own thread may go on
+        self.written = False  # the change wrote all that the socket would take at once,
         self.unsent = b""  # ... and this is the rest, for the poll's own thread to finish
         self.error = None  # ... or the socket said that the client has gone (an OSError)
-
-    def ready(self):
-        """True once the poll's own thread may go on: to write the answer itself, or to finish
-        the one the room wrote."""
-        return self.writer is POLL_WRITES or (self.writer is ROOM_WRITES and self.written)
 
 
 class Room:
@@ -206,8 +201,8 @@ class Room:
 
     Every change (a message, a rename, the online list) goes the same way: take the write lock,
     give the change the next version number, save it to disk, and only then publish it: set the
-    version in memory and claim the parked polls, which the changing thread then answers (see
-    write_answers). So no page ever sees something that a crash could take back, and the versions
+    version in memory and take the list of pending polls, which the changing thread then answers
+    (see write_answers). So no page ever sees something that a crash could take back, and the versions
     a page sees only ever grow.
     """
 
@@ -250,7 +245,7 @@ class Room:
         finally:
             if present:
                 self.presence.unpark(poll)
-        if poll.writer is ROOM_WRITES:
+        if poll.written:
             return None
         return self.answer(poll.since, poll.user)
 
@@ -275,22 +270,22 @@ class Room:
             if self.log_polls:
                 log(f"poll parked: {poll.user.name}, since version {poll.since} "
                     f"({len(self._pending)} waiting)")
-            while not poll.ready():
-                if poll.writer is None:
+            while not poll.done:
+                if poll in self._pending:
                     remaining = deadline - time.monotonic()
-                    if remaining <= 0 or self.closing:
+                    if remaining <= 0 or self.closing:  # the poll is ours to answer
                         del self._pending[poll]
-                        poll.writer = POLL_WRITES
                         if self.log_polls and not self.closing:
                             log(f"poll timed out after {timeout:g} s: {poll.user.name}, "
                                 f"nothing new since version {poll.since}")
                         return
                 else:
-                    # The room is writing our answer: never for long, as write_answers() waits
-                    # for no socket, and marks what it claimed as written even if it fails.
+                    # A change took the list, and is answering us: never for long, as
+                    # write_answers() waits for no socket, and is done with all it took even if
+                    # it fails.
                     remaining = SHUTDOWN_GRACE
                 self._changed.wait(remaining)
-                if not poll.ready():
+                if not poll.done:
                     self._pass_the_wake_up()  # it was not for us: on to the next thread
             self._to_wake -= 1
             self._relay.holding = True  # we owe the next thread its wake-up
@@ -336,9 +331,9 @@ class Room:
         oldest = self.presence.park(poll)
         if oldest is not None:
             with self._changed:
-                if oldest.writer is None:  # still parked
+                if oldest in self._pending:  # still parked, and still ours to take
                     del self._pending[oldest]
-                    oldest.writer = POLL_WRITES
+                    oldest.done = True  # (and not written: its own thread answers it)
                     self._to_wake += 1
                     self._pass_the_wake_up()
 
@@ -351,11 +346,12 @@ class Room:
     # --- Answering the pending polls ---------------------------------------------------------------
 
     def _publish(self, version, online=None):
-        """Make a saved change visible, and claim the pending polls: all of them are now behind.
+        """Make a saved change visible, and take the list of pending polls, to answer them.
 
-        Returns the polls whose answers the calling thread is to write (with write_answers),
-        after it has answered its own client. Polls the room may not answer are woken here, to
-        answer themselves.
+        Every poll in the list is behind the new version: a poll parks only when it is up to
+        date (wait_for_change). The list is taken whole, in one step, however long it is: the
+        lock is held for no longer with a thousand polls than with one. Returns the polls, for
+        the calling thread to answer with write_answers(), once it has answered its own client.
         """
         with self._changed:
             self.version = version
@@ -363,23 +359,12 @@ class Room:
                 self.online = online
                 self.online_version = version
             self._answers = {}
-            claimed, still_pending = [], {}
-            for poll in self._pending:
-                if poll.since >= version:  # only a poll that is behind gets an answer (a poll
-                    still_pending[poll] = None  # parks only when up to date, so all are, today)
-                elif poll.answer_bytes is None:
-                    poll.writer = POLL_WRITES
-                    self._to_wake += 1
-                else:
-                    poll.writer = ROOM_WRITES
-                    claimed.append(poll)
-            self._pending = still_pending
-            self._pass_the_wake_up()  # those that answer themselves
-        return claimed
+            taken, self._pending = self._pending, {}
+        return taken
 
-    def write_answers(self, claimed):
-        """Write the answer of each claimed poll to its socket, without ever waiting; then wake
-        the polls' threads, which finish what did not fit and read their next request.
+    def write_answers(self, taken):
+        """Write the answer of each poll taken from the list to its socket, without ever waiting;
+        then wake the polls' threads, which finish what did not fit and read their next request.
 
         This is the broadcast: one thread writes every waiting page's answer, straight from the
         list of pending polls. (Waking each parked thread to build and write its own answer
@@ -389,7 +374,9 @@ class Room:
         answers = {}  # since -> the answer's body without "you": one per `since` in this broadcast
         started, version = time.perf_counter(), self.version
         try:
-            for poll in claimed:
+            for poll in taken:
+                if poll.answer_bytes is None:
+                    continue  # its own thread answers it
                 if poll.since not in answers:
                     answers[poll.since] = self.shared_answer(poll.since)
                 answer = poll.answer_bytes(with_you(answers[poll.since], poll.user))
@@ -397,15 +384,16 @@ class Room:
                     poll.unsent = send_now(poll.connection, answer)
                 except OSError as error:  # the client has gone
                     poll.error = error
+                poll.written = True
         finally:
             with self._changed:
-                for poll in claimed:
-                    poll.written = True
-                self._to_wake += len(claimed)
+                for poll in taken:
+                    poll.done = True
+                self._to_wake += len(taken)
                 self._pass_the_wake_up()
-        if self.log_polls and claimed:
-            log(f"version {version}: answered {len(claimed)} waiting "
-                f"poll{'s' if len(claimed) > 1 else ''} in "
+        if self.log_polls and taken:
+            log(f"version {version}: answered {len(taken)} waiting "
+                f"poll{'s' if len(taken) > 1 else ''} in "
                 f"{(time.perf_counter() - started) * 1000:.1f} ms")
 
     def answer(self, since, user):
@@ -449,7 +437,7 @@ class Room:
     def add_message(self, user, text):
         """Save a message and publish it. Raises StorageError, having published nothing.
 
-        Returns the message and the claimed polls, for write_answers().
+        Returns the message and the polls taken from the list, for write_answers().
         """
         self.hand_on_wake_up()  # saving may wait for the disk
         with self._write_lock:
@@ -466,7 +454,7 @@ class Room:
     def rename(self, user, name):
         """Save a user's new name and publish it. Raises StorageError, having changed nothing.
 
-        Returns the claimed polls, for write_answers().
+        Returns the polls taken from the list, for write_answers().
         """
         self.hand_on_wake_up()  # saving may wait for the disk
         with self._write_lock:
@@ -490,8 +478,8 @@ class Room:
             # Saved although nothing but the version is: versions must keep growing across a
             # restart, or a page that saw this one would take the restarted room for a new one.
             self.storage.save_version(version)
-            claimed = self._publish(version, online=online)
-        self.write_answers(claimed)
+            taken = self._publish(version, online=online)
+        self.write_answers(taken)
         return True
 
 
@@ -1163,7 +1151,7 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
                 headers=[("Retry-After", str(max(1, math.ceil(wait))))],
                 retry_after=round(wait, 3), limit={"count": count, "seconds": seconds})
         try:
-            message, claimed = self.server.room.add_message(user, text)
+            message, taken = self.server.room.add_message(user, text)
         except StorageError as error:
             self.server.limiter.refund(user.id)
             self.log_message("could not save a message: %s", error)
@@ -1172,7 +1160,7 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
                                headers=[("Retry-After", "1")]) from error
         # The sender hears first; then the same thread answers everyone who was waiting.
         self.send_json(201, {"message": message},
-                       then=lambda: self.server.room.write_answers(claimed))
+                       then=lambda: self.server.room.write_answers(taken))
 
     def post_name(self, query):
         """POST /api/name {"name": ...}: change the name shown with your messages."""
@@ -1185,9 +1173,9 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
             raise RequestError(400, "The name is empty.")
         if any(character in name for character in "\n\t"):
             raise RequestError(400, "A name must be on one line.")
-        claimed = self.server.room.rename(user, name)
+        taken = self.server.room.rename(user, name)
         self.send_json(200, {"you": user.public()},
-                       then=lambda: self.server.room.write_answers(claimed))
+                       then=lambda: self.server.room.write_answers(taken))
 
     # --- Who is asking -----------------------------------------------------------------------------
 
