@@ -47,6 +47,7 @@ How this file is organised
 import _thread
 import argparse
 import base64
+import bisect
 import collections
 import contextlib
 import email.utils
@@ -101,9 +102,6 @@ DEFAULT_POLL_TIMEOUT = 25  # seconds a poll stays parked; well under the ~60 s a
 #                            and home routers cut a connection that carries no data
 MAX_POLL_TIMEOUT = 60  # the longest a client may ask for, for the same reason
 MAX_PARKED_PER_USER = 6  # a browser opens at most 6 connections to one host: only scripts exceed it
-MAX_CACHED_ANSWERS = 8  # encoded answers kept per version (one per `since` asked about): a thousand
-#                        woken polls ask for the same one, and a script asking for every `since`
-#                        must not make us keep a megabyte-sized answer for each
 PRESENCE_INTERVAL = 1.0  # seconds: a change in who is online wakes the parked polls at most this
 #                          often, however many come and go; in a quiet room, departures are looked
 #                          for this often
@@ -119,6 +117,8 @@ SHUTDOWN_CHECK_INTERVAL = 0.01  # seconds between two looks, then, at whether th
 # Messages and names.
 SNAPSHOT_SIZE = 100  # messages a page gets when it first loads
 MAX_BATCH = 500  # messages in one answer to a page that fell far behind; it asks again for the rest
+RECENT_MESSAGES = 500  # the latest messages kept in memory, encoded: a page less far behind than
+#                        this is answered without reading the disk (between 500 and 1000 are kept)
 HISTORY_PAGE = 100  # older messages a reader gets each time they scroll back, unless they ask for
 #                     another number (GET /api/messages?before=ID&limit=N)
 MAX_HISTORY_PAGE = 500  # the most one such answer may hold, as for a poll's batch. A larger limit is
@@ -212,7 +212,12 @@ class Room:
         self.log_polls = log_polls  # print the life of each poll (--log-polls), for learners
         self.version = storage.load_version()
         self.online = []  # [{"id": ..., "name": ...}] as last announced
+        self.online_json = b"[]"  # ... and encoded, once
         self.online_version = self.version  # the version at which `online` last changed
+        # The latest messages, oldest first, each encoded once (see shared_answer), and the
+        # version after which every message is among them: those that came since we started.
+        self._recent_ids, self._recent_json = [], []
+        self._recent_from = self.version
         self.closing = False
         # Two locks, so that waiting for the disk never holds up the parked polls:
         # _write_lock puts writers in a line (one version number each, saved in order);
@@ -222,7 +227,6 @@ class Room:
         self._pending = {}  # PendingPoll -> None: the parked polls, in the order they parked
         self._to_wake = 0  # parked threads whose poll is answered (or theirs to answer): the relay
         self._relay = threading.local()  # .holding: this thread owes the relay a wake-up
-        self._answers = {}  # since -> the answer's shared part, encoded, for the current version
 
     # --- Parking a poll ---------------------------------------------------------------------------
 
@@ -345,7 +349,7 @@ class Room:
 
     # --- Answering the pending polls ---------------------------------------------------------------
 
-    def _publish(self, version, online=None):
+    def _publish(self, version, message=None, online=None):
         """Make a saved change visible, and take the list of pending polls, to answer them.
 
         Every poll in the list is behind the new version: a poll parks only when it is up to
@@ -355,12 +359,21 @@ class Room:
         """
         with self._changed:
             self.version = version
+            if message is not None:
+                self._remember(message)
             if online is not None:
-                self.online = online
+                self.online, self.online_json = online, encode_json(online)
                 self.online_version = version
-            self._answers = {}
             taken, self._pending = self._pending, {}
         return taken
+
+    def _remember(self, message):
+        """Keep a new message, encoded, with the latest ones (the caller holds the lock)."""
+        self._recent_ids.append(message["id"])
+        self._recent_json.append(encode_json(message))
+        if len(self._recent_ids) > 2 * RECENT_MESSAGES:  # forget the older half, in one go
+            self._recent_from = self._recent_ids[RECENT_MESSAGES - 1]
+            del self._recent_ids[:RECENT_MESSAGES], self._recent_json[:RECENT_MESSAGES]
 
     def write_answers(self, taken):
         """Write the answer of each poll taken from the list to its socket, without ever waiting;
@@ -403,34 +416,35 @@ class Room:
     def shared_answer(self, since):
         """The part of the answer to `since` that is the same for every reader, encoded.
 
-        When a message reaches a thousand parked polls they all ask for the same thing, so it
-        is encoded once per version and reused; only the short "you" part differs from one
-        reader to the next, and is added at the end (with_you).
+        Each message is encoded once, when it arrives, and kept with the latest others: an
+        answer is made of those bytes, joined, however many readers ask and from whichever
+        version. Only the short "you" part differs from one reader to the next, and is added at
+        the end (with_you). A page further behind than the messages kept is answered from disk.
         """
         with self._changed:
             version = self.version
             snapshot = since is None or since > version
-            key = None if snapshot else since
-            shared = self._answers.get(key)
-            online = self.online if snapshot or self.online_version > since else None
-        if shared is None:
-            shared = self._encode_answer(since, version, snapshot, online)
-            with self._changed:
-                if self.version == version and len(self._answers) < MAX_CACHED_ANSWERS:
-                    self._answers[key] = shared
-        return shared
-
-    def _encode_answer(self, since, version, snapshot, online):
-        if snapshot:
-            messages = self.storage.latest_messages(version, SNAPSHOT_SIZE)
-        else:
-            messages = self.storage.messages_after(since, version, MAX_BATCH)
-            if len(messages) == MAX_BATCH:
-                version = messages[-1]["id"]  # the page continues from here with its next poll
-        fields = {"version": version, "messages": messages}
+            online = self.online_json if snapshot or self.online_version > since else None
+            if snapshot and (len(self._recent_json) >= SNAPSHOT_SIZE or self._recent_from == 0):
+                messages = self._recent_json[-SNAPSHOT_SIZE:]
+            elif not snapshot and since >= self._recent_from:
+                first = bisect.bisect_right(self._recent_ids, since)
+                messages = self._recent_json[first:first + MAX_BATCH]
+                if len(messages) == MAX_BATCH:  # the page continues from here with its next poll
+                    version = self._recent_ids[first + MAX_BATCH - 1]
+            else:
+                messages = None
+        if messages is None and snapshot:
+            messages = map(encode_json, self.storage.latest_messages(version, SNAPSHOT_SIZE))
+        elif messages is None:
+            stored = self.storage.messages_after(since, version, MAX_BATCH)
+            if len(stored) == MAX_BATCH:
+                version = stored[-1]["id"]
+            messages = map(encode_json, stored)
+        answer = b'{"version":%d,"messages":[%s]' % (version, b",".join(messages))
         if online is not None:
-            fields["online"] = online
-        return encode_json(fields)
+            answer += b',"online":' + online
+        return answer + b"}"
 
     # --- Changing the room -----------------------------------------------------------------------
 
@@ -449,7 +463,7 @@ class Room:
                 "time": int(time.time() * 1000),
             }
             self.storage.save_message(message, user)
-            return message, self._publish(message["id"])
+            return message, self._publish(message["id"], message=message)
 
     def rename(self, user, name):
         """Save a user's new name and publish it. Raises StorageError, having changed nothing.
@@ -1011,8 +1025,8 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         # A body stays unread on the connection until read_json() reads it. If we answer before
         # (a refusal, or a route that takes no body), send() closes the connection, or those
         # bytes would be read as the next request.
-        self.body_pending = ("Transfer-Encoding" in self.headers
-                             or self.headers.get("Content-Length", "0") != "0")
+        self.body_pending = ("transfer-encoding" in self.headers
+                             or self.headers.get("content-length", "0") != "0")
         with self.server.request_in_progress():
             try:
                 self.check_host()
@@ -1052,12 +1066,12 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         a 304 with no body. So a reload costs a few hundred bytes, and a new page after an
         upgrade is seen at once.
         """
-        coding = "gzip" if accepts_gzip(self.headers.get("Accept-Encoding", "")) else "identity"
+        coding = "gzip" if accepts_gzip(self.headers.get("accept-encoding", "")) else "identity"
         body, etag = self.server.page[coding]
         # Vary: a cache must not hand the gzip answer to a client that did not ask for it. These
         # three go in a 304 too, to refresh what the browser has stored (RFC 9110 15.4.5).
         headers = [("Cache-Control", "no-cache"), ("Vary", "Accept-Encoding"), ("ETag", etag)]
-        if none_match(self.headers.get("If-None-Match"), etag):
+        if none_match(self.headers.get("if-none-match"), etag):
             self.send(304, b"", None, headers)
             return
         if coding == "gzip":
@@ -1181,7 +1195,7 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
 
     def session_user(self):
         """The User whose cookie came with this request, or None if there was no valid cookie."""
-        sid = cookie_value(self.headers.get("Cookie", ""), SESSION_COOKIE)
+        sid = cookie_value(self.headers.get("cookie", ""), SESSION_COOKIE)
         if sid is None or not SESSION_ID_PATTERN.fullmatch(sid):
             return None
         return self.server.sessions.user_for(sid)
@@ -1201,7 +1215,7 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         if it were us. Its requests still carry its own name in Host, so we can tell.
         """
         allowed = self.server.allowed_hosts
-        host = self.headers.get("Host")
+        host = self.headers.get("host")
         if allowed is None or host is None:
             return
         name = host.rsplit("]", 1)[0] + "]" if host.startswith("[") else host.rsplit(":", 1)[0]
@@ -1215,10 +1229,10 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         Browsers say where a request comes from in Origin (and Sec-Fetch-Site). Only the host is
         compared, not the scheme, so that the room still works behind an HTTPS proxy.
         """
-        origin = self.headers.get("Origin")
+        origin = self.headers.get("origin")
         from_elsewhere = (origin is not None
-                          and origin.partition("://")[2] != self.headers.get("Host", ""))
-        if from_elsewhere or self.headers.get("Sec-Fetch-Site", "same-origin") not in (
+                          and origin.partition("://")[2] != self.headers.get("host", ""))
+        if from_elsewhere or self.headers.get("sec-fetch-site", "same-origin") not in (
                 "same-origin", "none"):
             raise RequestError(403, "Posting is allowed only from this chat room's own page.")
 
@@ -1233,9 +1247,9 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         return value
 
     def read_json(self):
-        if "Transfer-Encoding" in self.headers:
+        if "transfer-encoding" in self.headers:
             raise RequestError(411, "Send the body with a Content-Length, not chunked.")
-        length = self.headers.get("Content-Length")
+        length = self.headers.get("content-length")
         if length is None:
             raise RequestError(411, "The request needs a Content-Length header.")
         # Only digits (framing_is_clear made sure). int() refuses thousands, so count them first.
@@ -1247,7 +1261,7 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         if len(body) < size:
             raise ConnectionError("the client closed the connection in the middle of its body")
         self.body_pending = False
-        content_type = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        content_type = self.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type != "application/json":
             # Also a CSRF defence: a plain HTML form on another site cannot send this type.
             raise RequestError(415, "Send the body as JSON, with Content-Type: application/json.")
@@ -1348,24 +1362,24 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         self.path = target
         if not self.read_headers():
             return False
-        if self.request_version == "HTTP/1.1" and "Host" not in self.headers:
+        if self.request_version == "HTTP/1.1" and "host" not in self.headers:
             self.send_error(400, "An HTTP/1.1 request needs a Host header.")
             return False
         if absolute is not None:
             self.headers["host"] = authority
-        if "Host" in self.headers and not is_host(self.headers["Host"]):
+        if "host" in self.headers and not is_host(self.headers["host"]):
             self.send_error(400, "The host is not a host name or address with an optional port.")
             return False
         if not self.framing_is_clear():
             return False
-        connection = self.headers.get("Connection", "").lower()
+        connection = self.headers.get("connection", "").lower()
         if "," in connection:  # a list, such as "keep-alive, Upgrade"
             connection = {token.strip() for token in connection.split(",")}
         else:
             connection = {connection}
         keep_alive = self.request_version == "HTTP/1.1" or "keep-alive" in connection
         self.close_connection = "close" in connection or not keep_alive
-        if self.headers.get("Expect", "").lower() == "100-continue":
+        if self.headers.get("expect", "").lower() == "100-continue":
             return self.handle_expect_100()  # curl asks this before sending a larger body
         return True
 
@@ -1376,50 +1390,49 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         (section 5.3) says means the same as the separate lines, so nothing that came is
         ignored; but a header that must have one value (SINGLE_HEADERS) is refused if repeated.
         """
-        fields = {}  # a plain dict while we fill it: Headers' own methods are slower
+        lines = []
         budget = MAX_HEADER_BYTES  # what the lines still to come may take, together
-        count = 0
         while True:
             line = self.rfile.readline(budget + 2)
             if line in (b"\r\n", b"\n"):
-                self.headers = Headers(fields)
-                return True
+                break
             budget -= len(line)
-            count += 1
-            if budget < 0 or count > MAX_HEADERS:
+            if budget < 0 or len(lines) == MAX_HEADERS:
                 self.send_error(431, f"The request's headers are more than {MAX_HEADERS} lines "
                                      f"or {MAX_HEADER_BYTES // 1024} KiB.")
                 return False
             if not line.endswith(b"\n"):
                 self.send_error(400, "The request ended in the middle of its headers.")
                 return False
-            name, colon, value = line.decode("iso-8859-1").partition(":")
-            value = value[:-2] if value.endswith("\r\n") else value[:-1]  # a bare CR stays
-            # isprintable() first: it is quick, and true for almost every value. (It is false
-            # for a tab and some bytes above 0x7f too, which the regular expression allows.)
-            if not colon or not TOKEN.fullmatch(name) or (
-                    not value.isprintable() and NOT_IN_A_VALUE.search(value)):
-                # Also refuses a folded line (one that starts with a space).
-                self.send_error(400, "A header line is not Name: value, with a name of letters, "
-                                     "digits and -!#$%&'*+.^_`|~ and a value with no control "
-                                     "characters.")
-                return False
-            name = name.lower()
-            if name not in fields:
-                fields[name] = value.strip(" \t")
+            lines.append(line)
+        # The whole block is checked at once, and then cut into names and values, each by one
+        # regular expression: a dozen steps of Python for each line made this the largest cost
+        # of a poll (a browser sends ten lines or so).
+        block = b"".join(lines).decode("iso-8859-1")
+        if not HEADER_BLOCK.fullmatch(block):  # also refuses a folded line (one that starts
+            self.send_error(400, "A header line is not Name: value, with a name of "  # with a space)
+                                 "letters, digits and -!#$%&'*+.^_`|~ and a value with no "
+                                 "control characters.")
+            return False
+        self.headers = {}  # by lower-case name
+        for name, value in HEADER_LINE.findall(block):
+            name, value = name.lower(), value.strip(" \t")
+            if name not in self.headers:
+                self.headers[name] = value
             elif name in SINGLE_HEADERS:
                 self.send_error(400, f"A request may have only one {SINGLE_HEADERS[name]} header.")
                 return False
             else:
-                fields[name] += ", " + value.strip(" \t")
+                self.headers[name] += ", " + value
+        return True
 
     def framing_is_clear(self):
         """Refuse a request whose length could be read two ways (RFC 9112 section 6.3). False if
         refused. A body with Transfer-Encoding alone is refused later, when it would be read."""
-        length = self.headers.get("Content-Length")
+        length = self.headers.get("content-length")
         if length is None:
             return True
-        if "Transfer-Encoding" in self.headers:
+        if "transfer-encoding" in self.headers:
             self.send_error(400, "A request may not have both Content-Length and "
                                  "Transfer-Encoding.")
             return False
@@ -1658,9 +1671,10 @@ VISIBLE_ASCII = re.compile(r"[!-~]+")  # a request target: no spaces, controls o
 # "http://host:port/path?query": (host:port, /path?query). A user name ("http://ann@host/") is
 # refused by is_host: it is there to make a link look as if it led somewhere else.
 ABSOLUTE_FORM = re.compile(r"(?i:https?)://([^/?]*)(.*)")
-# What a header's value may not hold: control characters, but for the tab. So a NUL or a bare CR
-# (which some programs take for the end of the line) in a value makes the request a 400.
-NOT_IN_A_VALUE = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
+# Header lines: "Name: value" and the end of the line. A value may hold no control character but
+# the tab: so no NUL, and no bare CR, which some programs take for the end of the line.
+HEADER_BLOCK = re.compile("(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\x00-\x08\x0a-\x1f\x7f]*\r?\n)*")
+HEADER_LINE = re.compile("([^:]+):([^\r\n]*)\r?\n")  # (name, value), in lines HEADER_BLOCK passed
 DIGITS = re.compile(r"[0-9]+")
 # A Host: a name, an IPv4 address or an [IPv6 address], and an optional :port (RFC 3986 3.2.2).
 HOST = re.compile(r"(?:(\[[0-9A-Fa-f:.]+\])|(?:[A-Za-z0-9._~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})+)"
@@ -1678,19 +1692,6 @@ def is_host(value):
         except ValueError:
             return False
     return True
-
-
-class Headers(dict):
-    """A request's headers, by lower-cased name; get() and `in` ignore case, as HTTP does."""
-
-    def get(self, name, default=None):
-        return super().get(name.lower(), default)
-
-    def __contains__(self, name):
-        return super().__contains__(name.lower())
-
-    def __getitem__(self, name):
-        return super().__getitem__(name.lower())
 
 
 # What answers what: path -> {method: handler}. Nothing else is ever served.
