@@ -32,16 +32,42 @@ request every 25 seconds: no WebSockets, and no asking every second "anything ne
                                         and wakes A's thread, which reads A's next request:
     GET /api/poll?since=42  ------->    nothing newer: park again
 
+The path of one message
+-----------------------
+Page A waits; page B says "hi". Read these functions in this order; all of them are in Part I.
+
+  page A   GET /api/poll?since=41
+           ChatHandler.get_poll -> Room.poll -> Room.wait_for_change: the poll joins the room's
+           list of pending polls, and A's thread waits on the Condition.
+  page B   POST /api/messages {"text": "hi"}
+           ChatHandler.post_message -> Room.add_message -> Storage.save_message: on disk first,
+           -> Room._publish: the version becomes 42, and the list of pending polls is taken,
+           -> ChatHandler.send: B's 201,
+           -> Room.write_answers: A's answer goes straight to A's socket (and every other
+              waiting page's to theirs); then A's thread is woken (Room._pass_the_wake_up).
+  page A   has "hi". Its thread reads A's next poll, since=42, and parks it again.
+
 How this file is organised
 --------------------------
-1. Settings: every number that shapes the room, with its unit and the reason for its value.
-2. The room: its version, the list of pending polls, and how a change answers them.
-3. Presence: who is online.
-4. Identity: the cookie that says who you are, and the name you chose.
-5. Rate limiting: how often one person may post.
-6. Storage: SQLite. Nothing is announced to anyone before it is safely on disk.
-7. The HTTP handler: the routes, reading requests, writing answers.
-8. The server and main().
+Part I, the chat room: a whole room, in the order a message travels through it.
+  1. Settings that shape the room, each with its unit and the reason for its value.
+  2. The room: its version, the list of pending polls, and how a change answers them.
+  3. Presence: who is online.
+  4. Identity: the cookie that says who you are, and the name you chose.
+  5. Rate limiting: how often one person may post.
+  6. Storage: SQLite. Nothing is announced to anyone before it is safely on disk.
+  7. The HTTP handler: the routes, reading requests, writing answers.
+  8. The server and main().
+Part II, defences for the open network: what a room on the internet needs besides. Each defence
+is added by subclassing Part I's handler and server, through the hooks http.server and
+socketserver offer for it, and each says what it defends against and which test proves it.
+  9. Settings of the defences.
+  10. The defended handler: strict requests, slow and stalled clients, other web sites.
+  11. The defended server: too many connections, and a crowd that arrives at once.
+
+On a first read, skip Part II: main() runs Part I's room behind it, and the room works the same
+without it. In Part I you may also skip how presence notices that a page was closed (the end of
+Presence), and how a woken thread hands its wake-up on (Room.hand_on_wake_up and its callers).
 """
 
 import _thread
@@ -74,8 +100,13 @@ import traceback
 from pathlib import Path
 from urllib.parse import parse_qs
 
+
+# ##################################################################################################
+# PART I. THE CHAT ROOM
+# ##################################################################################################
+
 # ==================================================================================================
-# 1. Settings
+# 1. Settings that shape the room
 # ==================================================================================================
 
 # Serving.
@@ -84,16 +115,6 @@ DEFAULT_PORT = 8000
 LISTEN_BACKLOG = 4096  # connections the kernel queues for us until accept(): a crowd arriving at
 #                        once must wait in this queue, not be refused (the stdlib's default is 5;
 #                        Linux caps the number at net.core.somaxconn, 4096 on recent kernels)
-DEFAULT_MAX_CLIENTS = 2500  # open connections (one thread each); past it newcomers get a quick 503
-DEFAULT_MAX_CLIENTS_PER_ADDRESS = 500  # open connections from one IP address, so that one client
-#                                        cannot take every place in the room. A browser opens at
-#                                        most 6 connections to a host and a page holds 1 or 2, so
-#                                        a home or an office behind one NAT address stays far below
-DEFAULT_REQUEST_TIMEOUT = 10  # seconds from the end of one answer until the next request has fully
-#                               arrived: a client that stalls, or sends a byte at a time, is dropped
-BUSY_RETRY_AFTER = 5  # seconds we ask a refused client to wait before trying again
-REFUSAL_LINGER = 2.0  # seconds a refused connection stays open so the client can read our 503
-MAX_LINGERING = 256  # refused connections kept open at once for that; past it they close at once
 PAGE_GZIP_LEVEL = 9  # the page is compressed once, at start-up, so the smallest (slowest) level
 #                      costs nothing per request
 
@@ -126,21 +147,6 @@ MAX_HISTORY_PAGE = 500  # the most one such answer may hold, as for a poll's bat
 MAX_TEXT_LENGTH = 2000  # characters in one message
 MAX_NAME_LENGTH = 40  # characters in a name
 MAX_BODY_BYTES = 16 * 1024  # a JSON body larger than this is refused unread
-MAX_REQUEST_LINE = 8 * 1024  # bytes in "GET /path?query HTTP/1.1": our URLs are short, and a
-#                              parked poll keeps its request line (and path, and query) in memory
-MAX_HEADER_BYTES = 32 * 1024  # bytes of all header lines together, also bounding each one: a
-#                               browser sends 1 to 2 KB, and a parked poll keeps its headers
-MAX_HEADERS = 100  # header lines in one request, as http.client allows
-SINGLE_HEADERS = {"host": "Host", "content-length": "Content-Length"}  # refused if repeated: the
-#                 request's length and its host must have one reading only. A repeat of any other
-#                 header is joined to the first with a comma (RFC 9110 section 5.3)
-REQUEST_BUFFER = 2048  # bytes read ahead on each connection
-MAX_UNSENT = 32 * 1024  # bytes of answers the kernel may hold unsent for one connection; past it,
-#                         writing waits for the client to read. (Unasked, the kernel holds up to
-#                         4 MB for a client that reads slowly: memory anyone could tie up.)
-MIN_READ_RATE = 16 * 1024  # bytes a second: a client must read an answer at least this fast, after
-#                            the grace of --request-timeout, or it is dropped (a slow phone link
-#                            reads far faster)
 
 # Rate limits: at most COUNT messages in any SECONDS, for each (COUNT, SECONDS) pair.
 RATE_LIMITS = [(2, 3), (3, 10), (8, 60), (50, 600)]
@@ -157,14 +163,6 @@ MAX_CACHED_USERS = 10_000  # users kept in memory; past this, those not online a
 # Storage.
 SCHEMA_VERSION = 1  # stored in the file as PRAGMA user_version, so we never touch a foreign file
 STORAGE_BUSY_TIMEOUT = 1.0  # seconds SQLite waits for a lock held elsewhere before a write fails
-
-# Every answer carries these: the page may run only its own script and style, may not be framed by
-# another site, and the browser must not guess content types or leak our address to other sites.
-# The page's inline <script> and <style> are allowed by their hashes, computed at start-up.
-CONTENT_SECURITY_POLICY = (
-    "default-src 'self'; script-src {script}; style-src {style}; img-src 'self' data:; "
-    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-)
 
 
 # ==================================================================================================
@@ -202,8 +200,8 @@ class Room:
     Every change (a message, a rename, the online list) goes the same way: take the write lock,
     give the change the next version number, save it to disk, and only then publish it: set the
     version in memory and take the list of pending polls, which the changing thread then answers
-    (see write_answers). So no page ever sees something that a crash could take back, and the versions
-    a page sees only ever grow.
+    (see write_answers). So no page ever sees something that a crash could take back, and the
+    versions a page sees only ever grow.
     """
 
     def __init__(self, storage, presence, log_polls=False):
@@ -300,9 +298,9 @@ class Room:
         Waking is a relay: write_answers() wakes one parked thread, and each thread that wakes
         wakes the next, not at once, but when it is about to wait again: for its page's next
         poll, for its client, or for the disk (hand_on_wake_up). So one woken thread runs at a
-        time. Woken together, threads would take turns at the GIL at every system call (any
-        read or write lets go of it), each turn a switch between threads: notify_all() costs
-        several times the switches and twice the server's CPU (bench_chatroom.py, fan-out).
+        time. Woken together, as by notify_all(), threads take turns at the GIL at every system
+        call (any read or write lets go of it), each turn a switch from one thread to another:
+        more switches, and more of the server's time, than the answers themselves cost.
 
         notify() wakes the thread that has waited longest (CPython does so; the documentation
         does not promise it): the polls a change answered parked before any that park after it,
@@ -315,8 +313,9 @@ class Room:
     def hand_on_wake_up(self):
         """If the relay woke this thread and it has not woken the next one yet, do it now.
 
-        Called before anything that may wait: a read that would wait for the client, a write,
-        a change to the room (the disk), the end of a connection.
+        Called before anything that may wait: a read that would wait for the client (in
+        ChatHandler.handle_one_request and read_json), a write (ChatHandler.write), a change to
+        the room (the disk), the end of a connection (ChatHandler.finish).
         """
         if self.holds_wake_up():
             with self._changed:
@@ -347,7 +346,7 @@ class Room:
             self.closing = True
             self._changed.notify_all()
 
-    # --- Answering the pending polls ---------------------------------------------------------------
+    # --- Answering the pending polls --------------------------------------------------------------
 
     def _publish(self, version, message=None, online=None):
         """Make a saved change visible, and take the list of pending polls, to answer them.
@@ -381,8 +380,8 @@ class Room:
 
         This is the broadcast: one thread writes every waiting page's answer, straight from the
         list of pending polls. (Waking each parked thread to build and write its own answer
-        costs each page a turn at the GIL before it hears the news.) It runs without the room's
-        lock held, so other posts and polls go on meanwhile.
+        would cost each page a turn at the GIL, one after another, before it heard the news.)
+        It runs without the room's lock held, so other posts and polls go on meanwhile.
         """
         answers = {}  # since -> the answer's body without "you": one per `since` in this broadcast
         started, version = time.perf_counter(), self.version
@@ -532,14 +531,14 @@ class Presence:
     """Who is online: anyone with a parked poll, or whose last poll is within the online window.
 
     A parked thread does not read its socket, so it cannot notice that its page was closed. To
-    notice anyway, every connection's socket is registered with a selector while it is open:
-    when the browser closes it, the socket becomes readable with nothing to read, and the poll
-    parked on it stops counting.
+    notice anyway, every connection's socket is registered with a selector while it is open. A
+    selector (the selectors module) watches many sockets at once: one call says which of them
+    have something to read. When the browser closes a page, its socket becomes readable with
+    nothing to read, and the poll parked on it stops counting.
 
     The selector has a lock of its own, because park() and unpark() run for every poll and must
     make no system call while they hold _lock: a system call lets go of the GIL, and every other
-    poll would queue on _lock until this thread got the GIL back (measured with bench_chatroom.py:
-    twice as fast a fan-out without it).
+    poll would queue on _lock until this thread got the GIL back.
     """
 
     def __init__(self, window):
@@ -556,11 +555,10 @@ class Presence:
         self._last_arrival = None  # and of the latest one
         self._selector_lock = threading.Lock()
         # poll(), not the default epoll: epoll makes a system call for each socket registered,
-        # and a system call inside _selector_lock hands the GIL away while holding the lock.
-        # With 1000 busy connections, py-spy found 300 to 630 newcomers' threads queued on the
-        # lock in watch(), passing it on one GIL turn at a time (README, Performance). poll()
-        # only notes the socket, and calls the system once a look. (Windows has no poll():
-        # there the default is select(), which only notes too.)
+        # and a system call inside _selector_lock hands the GIL away while holding the lock, so
+        # that a busy server's newcomers queue on it (README, Performance). poll() only notes
+        # the socket, and calls the system once a look. (Windows has no poll(): there the
+        # default is select(), which only notes too.)
         self._selector = getattr(selectors, "PollSelector", selectors.DefaultSelector)()
 
     def _seen_now(self, user):
@@ -586,21 +584,26 @@ class Presence:
             if poll.connection is not None:
                 self._parked_on[poll.connection] = poll
             if len(polls) > MAX_PARKED_PER_USER:
-                oldest = polls.pop(0)
-                self._parked_on.pop(oldest.connection, None)
+                oldest = polls[0]
+                self._drop_parked(oldest)
                 return oldest
         return None
 
     def unpark(self, poll):
         with self._lock:
-            polls = self._parked.get(poll.user.id, [])
-            if poll not in polls:
-                return  # released, or its page went away: it no longer counts as a visit
-            polls.remove(poll)
-            if not polls:
-                del self._parked[poll.user.id]
-            self._parked_on.pop(poll.connection, None)
-            self._seen_now(poll.user)
+            if self._drop_parked(poll):  # (if not, it was released, or its page went away: it
+                self._seen_now(poll.user)  # no longer counts as a visit)
+
+    def _drop_parked(self, poll):
+        """Stop counting a parked poll. True if it was counted. The caller holds _lock."""
+        polls = self._parked.get(poll.user.id, [])
+        if poll not in polls:
+            return False
+        polls.remove(poll)
+        if not polls:
+            del self._parked[poll.user.id]
+        self._parked_on.pop(poll.connection, None)
+        return True
 
     def wait_until_time_to_look(self, idle):
         """Return when the online list should be looked at again (by Room.refresh_presence).
@@ -647,7 +650,7 @@ class Presence:
                 self._online = [user.public() for user in users]
             return self._online
 
-    # --- Watching connections ----------------------------------------------------------------------
+    # --- Watching connections ---------------------------------------------------------------------
 
     def watch(self, connection):
         """A connection opened: watch its socket until forget_connection()."""
@@ -681,12 +684,7 @@ class Presence:
                 if poll is None or not peer_has_closed(key.fileobj):
                     continue  # no poll parked on it (its own thread reads it), or a request
                 closed.append(key.fileobj)
-                del self._parked_on[key.fileobj]
-                polls = self._parked.get(poll.user.id, [])
-                if poll in polls:
-                    polls.remove(poll)
-                    if not polls:
-                        del self._parked[poll.user.id]
+                self._drop_parked(poll)
         for connection in closed:
             self.forget_connection(connection)
 
@@ -772,8 +770,12 @@ class RateLimiter:
         self._attempts = 0
         self._lock = threading.Lock()
 
-    def try_acquire(self, user_id):
-        """Count a post now, or return (seconds to wait, (count, seconds) of the limit hit)."""
+    def limit_hit(self, user_id):
+        """Count a post now, unless that would break a limit: then say which, and count nothing.
+
+        Returns None if the post is counted, else (seconds to wait, (count, seconds) of the
+        limit it would break).
+        """
         now = time.monotonic()
         with self._lock:
             self._attempts += 1
@@ -837,9 +839,12 @@ class Storage:
     """The room's SQLite file: messages, named users, and the room's version.
 
     Two connections: one that writes (used by one thread at a time, under Room's write lock) and
-    one that reads. In WAL mode readers never wait for the writer, so a slow disk slows posting
-    but never delays an answer to a poll. Every write is committed with synchronous=FULL before
-    it returns: what we acknowledge has reached the disk and survives a crash.
+    one that reads. In WAL mode (write-ahead logging) a change is appended to a log file beside
+    the database, and readers go on reading the last committed state meanwhile: readers never
+    wait for the writer, so a slow disk slows posting but never delays an answer to a poll.
+    With synchronous=FULL, a commit returns only once the log is on the disk itself (SQLite asks
+    the system to flush it): what we acknowledge survives the process being killed, and also the
+    machine losing power.
     """
 
     def __init__(self, path):
@@ -882,7 +887,7 @@ class Storage:
         self._reader.close()
         self._writer.close()
 
-    # --- Writing (one thread at a time: the caller holds Room's write lock) ------------------------
+    # --- Writing (one thread at a time: the caller holds Room's write lock) -----------------------
 
     def save_message(self, message, user):
         self._write([
@@ -915,7 +920,7 @@ class Storage:
                     pass  # the connection rolls back by itself when it can
             raise StorageError(error) from error
 
-    # --- Reading -----------------------------------------------------------------------------------
+    # --- Reading ----------------------------------------------------------------------------------
 
     def load_version(self):
         return self._read_one("SELECT version FROM room")[0]
@@ -967,7 +972,7 @@ def encode_json(value, encoder=json.JSONEncoder(ensure_ascii=False, separators=(
 
 # What a read or a write raises when the client hung up or stalled. (socket.timeout is the same as
 # TimeoutError from Python 3.10 on; before, it is another class, so both are named. A write that
-# the kernel timed out raises BlockingIOError: see set_time_outs.)
+# the kernel timed out raises BlockingIOError: see set_time_outs, in Part II.)
 CLIENT_WENT_AWAY = (ConnectionError, TimeoutError, socket.timeout, BlockingIOError)
 
 
@@ -985,10 +990,19 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
     """Serves one connection: reads each request, calls the room, writes one answer per request.
 
     http.server runs one of these per connection, in its own thread. For each request it reads
-    the request line and the headers (with our parse_request, at the end of this class), then
-    calls do_GET, do_POST, ...: they all go to dispatch(), which looks the path and method up in
-    ROUTES (at the end of this section) and calls the handler method it names.
+    the request line and the headers (parse_request), then calls do_GET, do_POST, ...: they all
+    go to dispatch(), which looks the path and method up in ROUTES and calls the method named.
     """
+
+    # What answers what: path -> {method: the name of the method here that answers it}. Nothing
+    # else is ever served.
+    ROUTES = {
+        "/": {"GET": "get_page"},
+        "/chime.wav": {"GET": "get_chime"},
+        "/api/poll": {"GET": "get_poll"},
+        "/api/messages": {"GET": "get_history", "POST": "post_message"},
+        "/api/name": {"POST": "post_name"},
+    }
 
     protocol_version = "HTTP/1.1"  # keep-alive: a page's next poll reuses the same connection
     # Send each answer the moment it is written. Otherwise Nagle's algorithm may hold a small
@@ -997,13 +1011,6 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
 
     def setup(self):
         super().setup()
-        set_time_outs(self.connection, self.server.request_timeout)
-        limit_unsent(self.connection)
-        self.rfile.close()  # read through RequestReader instead, for its deadline
-        self.request_reader = RequestReader(self.connection, self.server.request_timeout,
-                                            self.server.room)
-        # 2 KB holds a browser's request; the usual 8 KB stays mostly empty, on every connection.
-        self.rfile = io.BufferedReader(self.request_reader, REQUEST_BUFFER)
         self.new_sid = None
         self.body_pending = False
         self.server.room.presence.watch(self.connection)  # to notice when the page goes away
@@ -1013,6 +1020,11 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         self.server.room.presence.forget_connection(self.connection)
         super().finish()
 
+    def handle_one_request(self):
+        if self.server.room.holds_wake_up() and not request_waiting(self.connection):
+            self.server.room.hand_on_wake_up()  # we are about to wait for the next request
+        super().handle_one_request()
+
     def do_GET(self):
         self.dispatch()
 
@@ -1021,7 +1033,7 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
 
     def dispatch(self):
         path, _, query = self.path.partition("?")
-        methods = ROUTES.get(path)
+        methods = self.ROUTES.get(path)
         # A body stays unread on the connection until read_json() reads it. If we answer before
         # (a refusal, or a route that takes no body), send() closes the connection, or those
         # bytes would be read as the next request.
@@ -1029,7 +1041,6 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
                              or self.headers.get("content-length", "0") != "0")
         with self.server.request_in_progress():
             try:
-                self.check_host()
                 if methods is None:
                     raise RequestError(404, f"There is nothing at {path[:100]!r}.")
                 action = methods.get("GET" if self.command == "HEAD" else self.command)
@@ -1037,7 +1048,7 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
                     allowed = ", ".join(sorted(methods))
                     raise RequestError(405, f"{path} accepts only {allowed}.",
                                        headers=[("Allow", allowed)])
-                action(self, query)
+                getattr(self, action)(query)
             except RequestError as refusal:
                 self.send_json(refusal.status, refusal.body, refusal.headers)
             except StorageError as error:
@@ -1150,15 +1161,14 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
 
     def post_message(self, query):
         """POST /api/messages {"text": ...}: check, rate-limit, save and announce a message."""
-        self.check_origin()
         user = self.required_user()
         text = self.read_json_field("text")
         check_text(text, "message", MAX_TEXT_LENGTH)
         if not text.strip():
             raise RequestError(400, "The message is empty.")
-        limited = self.server.limiter.try_acquire(user.id)
-        if limited:
-            wait, (count, seconds) = limited
+        hit = self.server.limiter.limit_hit(user.id)
+        if hit:
+            wait, (count, seconds) = hit
             raise RequestError(
                 429, f"You are posting too fast: at most {count} messages in {seconds} seconds. "
                      f"You can post again in {math.ceil(wait)} s.",
@@ -1178,7 +1188,6 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
 
     def post_name(self, query):
         """POST /api/name {"name": ...}: change the name shown with your messages."""
-        self.check_origin()
         user = self.required_user()
         name = self.read_json_field("name")
         check_text(name, "name", MAX_NAME_LENGTH)
@@ -1191,7 +1200,7 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         self.send_json(200, {"you": user.public()},
                        then=lambda: self.server.room.write_answers(taken))
 
-    # --- Who is asking -----------------------------------------------------------------------------
+    # --- Who is asking ----------------------------------------------------------------------------
 
     def session_user(self):
         """The User whose cookie came with this request, or None if there was no valid cookie."""
@@ -1208,35 +1217,7 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
                                     "first; with curl, keep cookies: curl -c jar -b jar ...")
         return user
 
-    def check_host(self):
-        """Refuse a Host we do not serve: a defence against DNS rebinding.
-
-        A hostile web page can point its own domain name at 127.0.0.1 and then talk to us as
-        if it were us. Its requests still carry its own name in Host, so we can tell.
-        """
-        allowed = self.server.allowed_hosts
-        host = self.headers.get("host")
-        if allowed is None or host is None:
-            return
-        name = host.rsplit("]", 1)[0] + "]" if host.startswith("[") else host.rsplit(":", 1)[0]
-        if name.lower() not in allowed:
-            self.close_connection = True
-            raise RequestError(421, f"This server does not answer for the host {host[:100]!r}.")
-
-    def check_origin(self):
-        """Refuse a POST that another web site's page sends with the visitor's browser (CSRF).
-
-        Browsers say where a request comes from in Origin (and Sec-Fetch-Site). Only the host is
-        compared, not the scheme, so that the room still works behind an HTTPS proxy.
-        """
-        origin = self.headers.get("origin")
-        from_elsewhere = (origin is not None
-                          and origin.partition("://")[2] != self.headers.get("host", ""))
-        if from_elsewhere or self.headers.get("sec-fetch-site", "same-origin") not in (
-                "same-origin", "none"):
-            raise RequestError(403, "Posting is allowed only from this chat room's own page.")
-
-    # --- Reading a JSON body -----------------------------------------------------------------------
+    # --- Reading a JSON body ----------------------------------------------------------------------
 
     def read_json_field(self, field):
         """Read the request's JSON object and return its `field`, which must be a string."""
@@ -1252,11 +1233,13 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         length = self.headers.get("content-length")
         if length is None:
             raise RequestError(411, "The request needs a Content-Length header.")
-        # Only digits (framing_is_clear made sure). int() refuses thousands, so count them first.
-        digits = length.lstrip("0") or "0"
+        if not DIGITS.fullmatch(length):  # not isdigit(): it also accepts "²"
+            raise RequestError(400, "The Content-Length header is not a number.")
+        digits = length.lstrip("0") or "0"  # int() refuses thousands of digits: count them first
         if len(digits) > len(str(MAX_BODY_BYTES)) or int(digits) > MAX_BODY_BYTES:
             raise RequestError(413, f"The body is larger than {MAX_BODY_BYTES} bytes.")
         size = int(digits)
+        self.server.room.hand_on_wake_up()  # reading the body may wait for the client
         body = self.rfile.read(size)
         if len(body) < size:
             raise ConnectionError("the client closed the connection in the middle of its body")
@@ -1273,7 +1256,7 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
             raise RequestError(400, "The body must be a JSON object.")
         return data
 
-    # --- Writing an answer -------------------------------------------------------------------------
+    # --- Writing an answer ------------------------------------------------------------------------
 
     def send_json(self, status, value, headers=(), then=None):
         self.send(status, encode_json(value), "application/json", headers, then)
@@ -1305,147 +1288,17 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
             self.log_message('"%s" %s', self.requestline[:200], status)
 
     def write(self, data):
-        """Write all of `data`, and drop a client that reads it too slowly (MIN_READ_RATE)."""
+        """Write all of `data`: an answer, or what is left of one."""
         self.server.room.hand_on_wake_up()  # a write may wait for the client
-        write_within(self.connection, data, self.server.request_timeout + len(data) / MIN_READ_RATE)
+        self.write_whole(data)
+
+    def write_whole(self, data):
+        self.wfile.write(data)  # (DefendedHandler gives this a deadline)
 
     def send_error(self, code, message=None, explain=None):
         """http.server calls this for requests it cannot parse; answer in JSON like the rest."""
         self.close_connection = True
         self.send_json(code, {"error": message or explain or http.HTTPStatus(code).phrase})
-
-    # --- Reading requests safely -------------------------------------------------------------------
-
-    def handle_one_request(self):
-        self.request_reader.start_deadline()  # the next request must have arrived in time
-        super().handle_one_request()
-
-    def parse_request(self):
-        """Read the request line and the headers. False if refused (and already answered).
-
-        This replaces http.server's parse_request, which hands the header lines to the email
-        package: a parser made for mail (folded lines, MIME parts) that costs six times what
-        the loop below does, and was the largest single cost of a poll (bench_chatroom.py,
-        fan-out). An HTTP header is one "Name: value" line; an empty line ends them.
-
-        It is strict on purpose. When a proxy in front of us and this server read the same bytes
-        differently (one takes the first Content-Length, the other the second; one ignores a
-        header with a space in its name, the other does not), a request can hide inside another
-        one's body and reach us as if sent by someone else: "request smuggling". So whatever
-        RFC 9112 does not allow is refused with 400 and the connection closed, never guessed at.
-        """
-        self.command, self.request_version = None, "HTTP/0.9"
-        self.close_connection = True
-        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
-        if len(self.raw_requestline) > MAX_REQUEST_LINE:
-            self.send_error(414, f"The request line is longer than {MAX_REQUEST_LINE} bytes.")
-            return False
-        words = self.requestline.split(" ")
-        if len(words) != 3 or not words[2].startswith("HTTP/"):
-            self.send_error(400, "The request line is not METHOD PATH HTTP/1.1.")
-            return False
-        if words[2] not in ("HTTP/1.0", "HTTP/1.1"):
-            self.send_error(505, "Only HTTP/1.0 and HTTP/1.1 are spoken here.")
-            return False
-        self.command, target, self.request_version = words
-        if not TOKEN.fullmatch(self.command) or not VISIBLE_ASCII.fullmatch(target):
-            self.send_error(400, "The request line has a character no method or path may have.")
-            return False
-        # The absolute form, "GET http://host:port/path HTTP/1.1", is what a client sends to a
-        # proxy, and a server must accept it too (RFC 9112 section 3.2.2): the host in it counts,
-        # not the Host header.
-        absolute = ABSOLUTE_FORM.fullmatch(target)
-        if absolute is not None:
-            authority, target = absolute.groups()
-            if not target.startswith("/"):
-                target = "/" + target  # "http://host" and "http://host?q" ask for the path "/"
-        self.path = target
-        if not self.read_headers():
-            return False
-        if self.request_version == "HTTP/1.1" and "host" not in self.headers:
-            self.send_error(400, "An HTTP/1.1 request needs a Host header.")
-            return False
-        if absolute is not None:
-            self.headers["host"] = authority
-        if "host" in self.headers and not is_host(self.headers["host"]):
-            self.send_error(400, "The host is not a host name or address with an optional port.")
-            return False
-        if not self.framing_is_clear():
-            return False
-        connection = self.headers.get("connection", "").lower()
-        if "," in connection:  # a list, such as "keep-alive, Upgrade"
-            connection = {token.strip() for token in connection.split(",")}
-        else:
-            connection = {connection}
-        keep_alive = self.request_version == "HTTP/1.1" or "keep-alive" in connection
-        self.close_connection = "close" in connection or not keep_alive
-        if self.headers.get("expect", "").lower() == "100-continue":
-            return self.handle_expect_100()  # curl asks this before sending a larger body
-        return True
-
-    def read_headers(self):
-        """Read the header lines into self.headers, within their budgets. False if refused.
-
-        A name that comes again is joined to the first one's value with a comma, which RFC 9110
-        (section 5.3) says means the same as the separate lines, so nothing that came is
-        ignored; but a header that must have one value (SINGLE_HEADERS) is refused if repeated.
-        """
-        lines = []
-        budget = MAX_HEADER_BYTES  # what the lines still to come may take, together
-        while True:
-            line = self.rfile.readline(budget + 2)
-            if line in (b"\r\n", b"\n"):
-                break
-            budget -= len(line)
-            if budget < 0 or len(lines) == MAX_HEADERS:
-                self.send_error(431, f"The request's headers are more than {MAX_HEADERS} lines "
-                                     f"or {MAX_HEADER_BYTES // 1024} KiB.")
-                return False
-            if not line.endswith(b"\n"):
-                self.send_error(400, "The request ended in the middle of its headers.")
-                return False
-            lines.append(line)
-        # The whole block is checked at once, and then cut into names and values, each by one
-        # regular expression: a dozen steps of Python for each line made this the largest cost
-        # of a poll (a browser sends ten lines or so).
-        block = b"".join(lines).decode("iso-8859-1")
-        if not HEADER_BLOCK.fullmatch(block):  # also refuses a folded line (one that starts
-            self.send_error(400, "A header line is not Name: value, with a name of "  # with a space)
-                                 "letters, digits and -!#$%&'*+.^_`|~ and a value with no "
-                                 "control characters.")
-            return False
-        self.headers = {}  # by lower-case name
-        for name, value in HEADER_LINE.findall(block):
-            name, value = name.lower(), value.strip(" \t")
-            if name not in self.headers:
-                self.headers[name] = value
-            elif name in SINGLE_HEADERS:
-                self.send_error(400, f"A request may have only one {SINGLE_HEADERS[name]} header.")
-                return False
-            else:
-                self.headers[name] += ", " + value
-        return True
-
-    def framing_is_clear(self):
-        """Refuse a request whose length could be read two ways (RFC 9112 section 6.3). False if
-        refused. A body with Transfer-Encoding alone is refused later, when it would be read."""
-        length = self.headers.get("content-length")
-        if length is None:
-            return True
-        if "transfer-encoding" in self.headers:
-            self.send_error(400, "A request may not have both Content-Length and "
-                                 "Transfer-Encoding.")
-            return False
-        if not DIGITS.fullmatch(length):  # not isdigit(): it also accepts "²"
-            self.send_error(400, "The Content-Length header is not a number.")
-            return False
-        return True
-
-
-# Control characters: C0 (below 32) but tab and newline, DEL, and C1 (0x80 to 0x9f), which
-# terminals and some fonts take as commands.
-CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 
 
 def http_answer(status, body, content_type, headers, common_headers, close=False,
@@ -1486,6 +1339,13 @@ def date_header():
 
 
 _date_line = (None, "")  # (the second it was made for, "Date: ..."), for date_header()
+
+
+# Control characters: C0 (below 32) but tab and newline, DEL, and C1 (0x80 to 0x9f), which
+# terminals and some fonts take as commands.
+CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+DIGITS = re.compile(r"[0-9]+")
+DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 
 
 def check_text(value, what, max_length):
@@ -1556,152 +1416,26 @@ def none_match(header, etag):
     return etag in re.findall(r'(?:W/)?("[^"]*")', header)
 
 
-class RequestReader(io.RawIOBase):
-    """The socket as http.server reads it, with one deadline for the whole request.
+def representations(page):
+    """The page as it can be sent, each with its ETag: {"identity": (body, etag), "gzip": ...}.
 
-    The socket's time-out (set_time_outs) limits each wait for data, so on its own it lets a
-    client that sends one byte every few seconds hold a thread for ever (the "slowloris" attack).
-    So each request also has a deadline, restarted by handle_one_request(), and once it has
-    passed, the next read is refused: such a client is dropped at most one socket time-out after
-    its deadline (with the default 10 s, 20 s after its request began).
-
-    Each read could instead wait only for the time left (socket.settimeout() before every
-    read): exact, but each settimeout() is one more system call, and system calls are what cost
-    most when a crowd arrives (see set_time_outs, next).
+    Both are made once, at start-up, as the page never changes while the server runs. Each ETag
+    is a hash of exactly the bytes sent: a strong validator (RFC 9110 8.8.3), different for the
+    two encodings, and different as soon as the page is changed.
     """
-
-    def __init__(self, connection, seconds, room):
-        self.connection = connection
-        self.seconds = seconds
-        self.room = room
-        self.start_deadline()
-
-    def readable(self):
-        return True
-
-    def start_deadline(self):
-        self.deadline = time.monotonic() + self.seconds
-
-    def readinto(self, buffer):
-        if time.monotonic() > self.deadline:
-            raise TimeoutError("the request did not arrive in time")
-        if self.room.holds_wake_up():
-            # The relay woke this thread: if the next request is not here yet, wake the next
-            # parked thread before waiting for it (see Room._pass_the_wake_up).
-            if ANSWERS_WITHOUT_WAITING:
-                try:
-                    return self.connection.recv_into(buffer, 0, socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    pass
-            self.room.hand_on_wake_up()
-        try:
-            return self.connection.recv_into(buffer)
-        except BlockingIOError:  # a read that the kernel timed out (see set_time_outs)
-            raise TimeoutError("the client sent nothing for too long") from None
+    compressed = gzip.compress(page, compresslevel=PAGE_GZIP_LEVEL, mtime=0)
+    return {coding: (body, '"' + hashlib.sha256(body).hexdigest()[:32] + '"')
+            for coding, body in (("identity", page), ("gzip", compressed))}
 
 
-def set_time_outs(connection, seconds):
-    """Make each read and each write on the socket give up after `seconds` of waiting.
-
-    socket.settimeout() would do it, but then Python makes a poll() system call (wait until the
-    socket is ready, or the time is up) before every recv() and send(): two system calls instead
-    of one. A thread releases the GIL for each system call, and when hundreds of threads wait
-    for the GIL, each release wakes one of them. When a crowd arrived (bench_chatroom.py, crowd),
-    perf put half of the server's time in futex, the system call in which threads sleep and
-    wake while they wait for the GIL: more than in our Python code.
-
-    So the kernel times out each call itself (the SO_RCVTIMEO and SO_SNDTIMEO options, given as
-    a C struct timeval: seconds and microseconds), on a socket left blocking, as accept() made
-    it. A call that timed out fails with EAGAIN, as on a non-blocking socket, and Python raises
-    BlockingIOError: RequestReader turns it into TimeoutError; for writes it is in
-    CLIENT_WENT_AWAY. One difference: settimeout() limits a whole sendall(), the kernel each
-    send() in it, so a client that reads a little every few seconds can stretch an answer out.
-    Windows wants milliseconds instead of a timeval: there we keep settimeout().
-    """
-    if sys.platform == "win32":
-        connection.settimeout(seconds)
-        return
-    whole_seconds = int(seconds)
-    # Rounded up: a timeval of zero would mean "wait for ever".
-    microseconds = math.ceil((seconds - whole_seconds) * 1_000_000)
-    timeval = struct.pack("@ll", whole_seconds, microseconds)
-    connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-    connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-
-
-def limit_unsent(connection):
-    """Let the kernel hold at most MAX_UNSENT bytes of our answers unsent on this connection.
-
-    With TCP_NOTSENT_LOWAT, a write waits (and a socket counts as writable) only once the
-    answers queued before it have mostly gone out. So a client that pipelines requests and
-    reads slowly has them answered one at a time, as fast as it reads, and not into a buffer of
-    megabytes. Where the option is missing (not Linux), the kernel's own limits apply.
-    """
-    if hasattr(socket, "TCP_NOTSENT_LOWAT"):
-        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, MAX_UNSENT)
-
-
-def write_within(connection, data, seconds):
-    """Write all of `data`, or raise TimeoutError once `seconds` have passed.
-
-    sendall() would do it, but each send() in it may wait a socket time-out anew: a client that
-    reads a little every few seconds could stretch one answer out for ever. The first send()
-    usually takes everything; if not, wait until the socket has room (poll(), with the time
-    left), send what fits without waiting, and so on until all is written or the time is up.
-    """
-    deadline = time.monotonic() + seconds
-    rest = memoryview(data)[connection.send(data):]  # waits at most one socket time-out
-    if rest and not ANSWERS_WITHOUT_WAITING:  # Windows: settimeout() bounds a whole sendall()
-        connection.sendall(rest)
-        return
-    if rest:
-        room_to_write = select.poll()
-        room_to_write.register(connection, select.POLLOUT)
-    while rest:
-        left = deadline - time.monotonic()
-        if left <= 0 or not room_to_write.poll(left * 1000):
-            # Not TimeoutError, which http.server would log as a request that timed out.
-            raise ConnectionAbortedError("the client did not read its answer in time")
-        rest = send_now(connection, rest)
-
-
-# The grammar of a request's head (RFC 9110 sections 5.1, 5.5 and 5.6.2; RFC 9112 section 3).
-TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a method or a header name
-VISIBLE_ASCII = re.compile(r"[!-~]+")  # a request target: no spaces, controls or other bytes
-# "http://host:port/path?query": (host:port, /path?query). A user name ("http://ann@host/") is
-# refused by is_host: it is there to make a link look as if it led somewhere else.
-ABSOLUTE_FORM = re.compile(r"(?i:https?)://([^/?]*)(.*)")
-# Header lines: "Name: value" and the end of the line. A value may hold no control character but
-# the tab: so no NUL, and no bare CR, which some programs take for the end of the line.
-HEADER_BLOCK = re.compile("(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\x00-\x08\x0a-\x1f\x7f]*\r?\n)*")
-HEADER_LINE = re.compile("([^:]+):([^\r\n]*)\r?\n")  # (name, value), in lines HEADER_BLOCK passed
-DIGITS = re.compile(r"[0-9]+")
-# A Host: a name, an IPv4 address or an [IPv6 address], and an optional :port (RFC 3986 3.2.2).
-HOST = re.compile(r"(?:(\[[0-9A-Fa-f:.]+\])|(?:[A-Za-z0-9._~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})+)"
-                  r"(?::[0-9]*)?")
-
-
-def is_host(value):
-    """True if `value` is what Host may hold: uri-host, and a port if any."""
-    found = HOST.fullmatch(value)
-    if found is None:
+def request_waiting(connection):
+    """True if the client's next bytes are here: a peek at the socket that never waits."""
+    if not ANSWERS_WITHOUT_WAITING:  # no MSG_DONTWAIT (Windows): take it that they are not
         return False
-    if found.group(1):
-        try:
-            ipaddress.IPv6Address(found.group(1)[1:-1])
-        except ValueError:
-            return False
-    return True
-
-
-# What answers what: path -> {method: handler}. Nothing else is ever served.
-ROUTES = {
-    "/": {"GET": ChatHandler.get_page},
-    "/chime.wav": {"GET": ChatHandler.get_chime},
-    "/api/poll": {"GET": ChatHandler.get_poll},
-    "/api/messages": {"GET": ChatHandler.get_history, "POST": ChatHandler.post_message},
-    "/api/name": {"POST": ChatHandler.post_name},
-}
+    try:
+        return connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+    except OSError:  # BlockingIOError: nothing yet; or the connection has failed
+        return False
 
 
 # ==================================================================================================
@@ -1709,12 +1443,17 @@ ROUTES = {
 # ==================================================================================================
 
 class ChatServer(http.server.ThreadingHTTPServer):
-    """ThreadingHTTPServer with a cap on open connections, and the room's shared objects."""
+    """ThreadingHTTPServer (a thread per connection), holding what its handlers share.
+
+    A handler reaches these through self.server: the room, the sessions, the rate limiter, the
+    page and the chime. DefendedServer, in Part II, is the one main() runs.
+    """
 
     request_queue_size = LISTEN_BACKLOG
+    common_headers = ""  # header lines every answer carries; DefendedServer adds its own
 
-    def __init__(self, address, room, sessions, limiter, page, chime, poll_timeout, max_clients,
-                 max_clients_per_address, request_timeout):
+    def __init__(self, address, room, sessions, limiter, page, chime, poll_timeout,
+                 handler=ChatHandler):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.room = room
         self.sessions = sessions
@@ -1722,93 +1461,22 @@ class ChatServer(http.server.ThreadingHTTPServer):
         self.page = representations(page)
         self.chime = chime
         self.poll_timeout = poll_timeout
-        self.max_clients = max_clients
-        self.max_clients_per_address = max_clients_per_address
-        self.request_timeout = request_timeout
-        self.open_connections = 0
-        self.connections_from = collections.Counter()  # client IP address -> its open connections
-        self._lingering = []  # (refused connection, time.monotonic() by which to close it)
-        self._busy = threading.Lock()  # guards the counts of connections above
         self._in_progress = set()  # a token for each request being answered
-        self.common_headers = security_headers(page)
-        self.allowed_hosts = allowed_hosts(address[0])
-        super().__init__(address, ChatHandler)
-
-    def process_request(self, request, client_address):
-        """Start a thread for the connection, unless too many are open already, in all or from
-        its address (so that one client cannot take every place: --max-clients-per-address)."""
-        address = client_address[0]
-        with self._busy:
-            full = (self.open_connections >= self.max_clients
-                    or self.connections_from[address] >= self.max_clients_per_address)
-            if not full:
-                self.open_connections += 1
-                self.connections_from[address] += 1
-        if full:
-            self.refuse(request)
-            return
-        try:
-            start_thread(self.process_request_thread, request, client_address)
-        except RuntimeError:  # the system would not start another thread
-            self._connection_closed(address)
-            self.refuse(request)
-
-    def refuse(self, request):
-        """Answer 503 from the accepting thread, without starting a thread for the connection.
-
-        Closing a socket that has unread data makes the system reset the connection, and a
-        client still sending its request would get that error instead of our answer. So the
-        connection stays open a moment (see service_actions) while we discard what arrives.
-        """
-        send_refusal(request, self.common_headers)
-        if len(self._lingering) >= MAX_LINGERING:
-            self.shutdown_request(request)
-            return
-        try:
-            request.shutdown(socket.SHUT_WR)  # the client reads our answer, then the end
-        except OSError:
-            pass
-        self._lingering.append((request, time.monotonic() + REFUSAL_LINGER))
-
-    def service_actions(self):
-        """serve_forever() calls this after each accept and twice a second: close the refused
-        connections whose client has gone, or has had REFUSAL_LINGER seconds to read our 503."""
-        now = time.monotonic()
-        lingering = []
-        for connection, deadline in self._lingering:
-            if now < deadline and discard_input(connection):
-                lingering.append((connection, deadline))
-            else:
-                connection.close()
-        self._lingering = lingering
-
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._connection_closed(client_address[0])
-
-    def _connection_closed(self, address):
-        with self._busy:
-            self.open_connections -= 1
-            self.connections_from[address] -= 1
-            if not self.connections_from[address]:
-                del self.connections_from[address]  # so that the counter holds only who is here
+        super().__init__(address, handler)
 
     @contextlib.contextmanager
     def request_in_progress(self):
         """Count the requests being handled, so that shutdown can wait for them.
 
         A generator, not a class made on each call: a new class per request is slow to make and
-        leaves reference cycles that only the garbage collector frees. With a thousand pages
-        polling, that garbage was a quarter of the server's memory (bench_chatroom.py, fan-out).
+        leaves reference cycles that only the garbage collector frees, a large part of the
+        server's memory with a thousand pages polling.
 
         A set of tokens, not a count under a lock: set.add() and discard() are each one step no
         other thread can break into, and a lock that every request takes is where all of them
         queue when the server is busy. A thread holding it may lose the GIL (Python takes it
         from a thread every 5 ms when others wait), and then every request waits until that
-        thread has the GIL back: with 1000 busy connections, py-spy found up to 970 threads
-        waiting for it (README, Performance).
+        thread has the GIL back (README, Performance).
         """
         token = object()
         self._in_progress.add(token)
@@ -1830,81 +1498,6 @@ class ChatServer(http.server.ThreadingHTTPServer):
             log(f"{client_address[0]}: connection dropped ({type(error).__name__}: {error})")
         else:
             super().handle_error(request, client_address)
-
-
-def start_thread(function, *arguments):
-    """Run function(*arguments) in a new thread, and return at once.
-
-    ThreadingHTTPServer would start a threading.Thread, whose start() waits until the new thread
-    is running. That costs two turns at the GIL: one for the new thread to say it started, one
-    for the accepting thread to get the GIL back. When a crowd arrives, hundreds of threads are
-    waiting for the GIL, so each turn is a long wait: the accepting thread took in only ~700
-    connections a second. With this change alone, 2000 newcomers all had the page after 1.6 s
-    instead of 2.9 s (bench_chatroom.py, crowd). _thread, the module threading is built on,
-    starts a thread without waiting. Like a daemon thread, the new thread does not hold up the
-    exit of the process.
-    """
-    _thread.start_new_thread(function, arguments)
-
-
-def send_refusal(request, common_headers):
-    """Tell a client we are full. Leaves the socket non-blocking, for discard_input()."""
-    body = encode_json({"error": "The chat room is full right now. Please try again soon."})
-    answer = http_answer(503, body, "application/json", [("Retry-After", str(BUSY_RETRY_AFTER))],
-                         common_headers, close=True)
-    try:
-        request.setblocking(False)
-        request.send(answer)  # a few hundred bytes: a new socket's buffer always has room
-    except OSError:
-        pass
-
-
-def discard_input(connection):
-    """Read and drop what a non-blocking socket has received. False once the client has closed."""
-    try:
-        for _ in range(16):  # at most 1 MiB per call, so a fast sender cannot keep us here
-            if not connection.recv(65536):
-                return False
-        return True
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-
-
-def security_headers(page):
-    """The header lines every answer carries, with the hashes of the page's inline script and
-    style; joined once, here, as http_answer() writes them."""
-    def hashes(tag):
-        found = re.findall(rf"<{tag}>(.*?)</{tag}>".encode(), page, re.DOTALL)
-        digests = [hashlib.sha256(block).digest() for block in found]
-        return " ".join(f"'sha256-{base64.b64encode(digest).decode()}'" for digest in digests) \
-            or "'none'"
-
-    policy = CONTENT_SECURITY_POLICY.format(script=hashes("script"), style=hashes("style"))
-    return (f"Content-Security-Policy: {policy}\r\n"
-            "X-Content-Type-Options: nosniff\r\n"
-            "Referrer-Policy: no-referrer\r\n")
-
-
-def representations(page):
-    """The page as it can be sent, each with its ETag: {"identity": (body, etag), "gzip": ...}.
-
-    Both are made once, at start-up, as the page never changes while the server runs. Each ETag
-    is a hash of exactly the bytes sent: a strong validator (RFC 9110 8.8.3), different for the
-    two encodings, and different as soon as the page is changed.
-    """
-    compressed = gzip.compress(page, compresslevel=PAGE_GZIP_LEVEL, mtime=0)
-    return {coding: (body, '"' + hashlib.sha256(body).hexdigest()[:32] + '"')
-            for coding, body in (("identity", page), ("gzip", compressed))}
-
-
-def allowed_hosts(host):
-    """Host names a request may name when we listen on loopback; None (any) otherwise."""
-    loopback = {"127.0.0.1", "localhost", "::1", "[::1]"}
-    if host.lower() in loopback or host.startswith("127."):
-        return loopback | {host.lower()}
-    return None
 
 
 def keep_presence_fresh(room, stop):
@@ -2009,9 +1602,11 @@ def main(argv=None):
     sessions = Sessions(storage, presence)
     limiter = RateLimiter(RATE_LIMITS)
     try:
-        server = ChatServer((args.host, args.port), room, sessions, limiter, page, chime,
-                            args.poll_timeout, args.max_clients, args.max_clients_per_address,
-                            args.request_timeout)
+        # The room behind the defences of Part II.
+        server = DefendedServer((args.host, args.port), room, sessions, limiter, page, chime,
+                                args.poll_timeout, max_clients=args.max_clients,
+                                max_clients_per_address=args.max_clients_per_address,
+                                request_timeout=args.request_timeout)
     except OSError as error:
         storage.close()
         sys.exit(f"chatroom: cannot listen on {args.host}:{args.port} ({error.strerror})")
@@ -2032,6 +1627,572 @@ def main(argv=None):
         server.server_close()
         storage.close()
         print("Chat room stopped.", flush=True)
+
+
+# ##################################################################################################
+# PART II. DEFENCES FOR THE OPEN NETWORK
+# ##################################################################################################
+
+# Part I is a whole chat room, but one that trusts its clients: it waits as long as they like,
+# takes requests as they come, and serves as many as connect. On the open network some clients
+# are hostile, and others just slow or broken. Each block below opens with what it defends
+# against, how, and the test in test_chatroom.py that proves it.
+# ==================================================================================================
+# 9. Settings of the defences
+# ==================================================================================================
+
+# Connections.
+DEFAULT_MAX_CLIENTS = 2500  # open connections (one thread each); past it newcomers get a quick 503
+DEFAULT_MAX_CLIENTS_PER_ADDRESS = 500  # open connections from one IP address, so that one client
+#                                        cannot take every place in the room. A browser opens at
+#                                        most 6 connections to a host and a page holds 1 or 2, so
+#                                        a home or an office behind one NAT address stays far below
+BUSY_RETRY_AFTER = 5  # seconds we ask a refused client to wait before trying again
+REFUSAL_LINGER = 2.0  # seconds a refused connection stays open so the client can read our 503
+MAX_LINGERING = 256  # refused connections kept open at once for that; past it they close at once
+
+# Time.
+DEFAULT_REQUEST_TIMEOUT = 10  # seconds from the end of one answer until the next request has fully
+#                               arrived: a client that stalls, or sends a byte at a time, is dropped
+MIN_READ_RATE = 16 * 1024  # bytes a second: a client must read an answer at least this fast, after
+#                            the grace of --request-timeout, or it is dropped (a slow phone link
+#                            reads far faster)
+
+# Memory.
+REQUEST_BUFFER = 2048  # bytes read ahead on each connection: a browser's request fits, and the
+#                        usual 8 KB would stay mostly empty, on every one of thousands
+MAX_REQUEST_LINE = 8 * 1024  # bytes in "GET /path?query HTTP/1.1": our URLs are short, and a
+#                              parked poll keeps its request line (and path, and query) in memory
+MAX_HEADER_BYTES = 32 * 1024  # bytes of all header lines together, also bounding each one: a
+#                               browser sends 1 to 2 KB, and a parked poll keeps its headers
+MAX_HEADERS = 100  # header lines in one request, as http.client allows
+MAX_UNSENT = 32 * 1024  # bytes of answers the kernel may hold unsent for one connection; past it,
+#                         writing waits for the client to read. (Unasked, the kernel holds
+#                         megabytes for a client that reads slowly: memory anyone could tie up.)
+
+# The request's head.
+SINGLE_HEADERS = {"host": "Host", "content-length": "Content-Length"}  # refused if repeated: the
+#                 request's length and its host must have one reading only. A repeat of any other
+#                 header is joined to the first with a comma (RFC 9110 section 5.3)
+
+# The grammar of a request's head (RFC 9110 sections 5.1, 5.5 and 5.6.2; RFC 9112 section 3).
+TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a method or a header name
+VISIBLE_ASCII = re.compile(r"[!-~]+")  # a request target: no spaces, controls or other bytes
+# "http://host:port/path?query": (host:port, /path?query). A user name ("http://ann@host/") is
+# refused by is_host: it is there to make a link look as if it led somewhere else.
+ABSOLUTE_FORM = re.compile(r"(?i:https?)://([^/?]*)(.*)")
+# Header lines: "Name: value" and the end of the line. A value may hold no control character but
+# the tab: so no NUL, and no bare CR, which some programs take for the end of the line.
+HEADER_BLOCK = re.compile("(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\x00-\x08\x0a-\x1f\x7f]*\r?\n)*")
+HEADER_LINE = re.compile("([^:]+):([^\r\n]*)\r?\n")  # (name, value), in lines HEADER_BLOCK passed
+DIGITS = re.compile(r"[0-9]+")
+# A Host: a name, an IPv4 address or an [IPv6 address], and an optional :port (RFC 3986 3.2.2).
+HOST = re.compile(r"(?:(\[[0-9A-Fa-f:.]+\])|(?:[A-Za-z0-9._~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})+)"
+                  r"(?::[0-9]*)?")
+
+# Every answer carries these: the page may run only its own script and style, may not be framed by
+# another site, and the browser must not guess content types or leak our address to other sites.
+# The page's inline <script> and <style> are allowed by their hashes, computed at start-up.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src {script}; style-src {style}; img-src 'self' data:; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+
+# ==================================================================================================
+# 10. The defended handler
+# ==================================================================================================
+
+class DefendedHandler(ChatHandler):
+    """ChatHandler, for the open network: each block of methods below adds one defence."""
+
+    # --- Request smuggling: one request read two ways -------------------------------------------
+    # Threat: a proxy in front of us and this server read the same bytes as different requests
+    # (two Content-Length headers, a header name with a space), so that a request hidden in
+    # another's body reaches us as if someone else had sent it.
+    # Defence: parse_request, a strict reading of the request's head: whatever RFC 9112 does not
+    # allow is a 400, and the connection is closed. It also bounds the head's size (414, 431).
+    # Proved by: test_a_request_with_unclear_framing_is_refused,
+    # test_a_malformed_request_head_is_refused, test_at_most_100_header_lines_and_32_kib_of_them,
+    # test_an_http_1_1_request_needs_one_valid_host,
+    # test_the_absolute_form_is_served_and_judged_by_its_host
+
+    def parse_request(self):
+        """Read the request line and the headers. False if refused (and already answered).
+
+        This replaces http.server's parse_request, which hands the header lines to the email
+        package: a parser made for mail (folded lines, MIME parts), lenient where HTTP must not
+        be, and several times slower than ours; parsing is the largest part of a poll's cost.
+        An HTTP header is one "Name: value" line; an empty line ends them.
+
+        It is strict on purpose. When a proxy in front of us and this server read the same bytes
+        differently (one takes the first Content-Length, the other the second; one ignores a
+        header with a space in its name, the other does not), a request can hide inside another
+        one's body and reach us as if sent by someone else: "request smuggling". So whatever
+        RFC 9112 does not allow is refused with 400 and the connection closed, never guessed at.
+        """
+        self.command, self.request_version = None, "HTTP/0.9"
+        self.close_connection = True
+        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        if len(self.raw_requestline) > MAX_REQUEST_LINE:
+            self.send_error(414, f"The request line is longer than {MAX_REQUEST_LINE} bytes.")
+            return False
+        words = self.requestline.split(" ")
+        if len(words) != 3 or not words[2].startswith("HTTP/"):
+            self.send_error(400, "The request line is not METHOD PATH HTTP/1.1.")
+            return False
+        if words[2] not in ("HTTP/1.0", "HTTP/1.1"):
+            self.send_error(505, "Only HTTP/1.0 and HTTP/1.1 are spoken here.")
+            return False
+        self.command, target, self.request_version = words
+        if not TOKEN.fullmatch(self.command) or not VISIBLE_ASCII.fullmatch(target):
+            self.send_error(400, "The request line has a character no method or path may have.")
+            return False
+        # The absolute form, "GET http://host:port/path HTTP/1.1", is what a client sends to a
+        # proxy, and a server must accept it too (RFC 9112 section 3.2.2): the host in it counts,
+        # not the Host header.
+        absolute = ABSOLUTE_FORM.fullmatch(target)
+        if absolute is not None:
+            authority, target = absolute.groups()
+            if not target.startswith("/"):
+                target = "/" + target  # "http://host" and "http://host?q" ask for the path "/"
+        self.path = target
+        if not self.read_headers():
+            return False
+        if self.request_version == "HTTP/1.1" and "host" not in self.headers:
+            self.send_error(400, "An HTTP/1.1 request needs a Host header.")
+            return False
+        if absolute is not None:
+            self.headers["host"] = authority
+        if "host" in self.headers and not is_host(self.headers["host"]):
+            self.send_error(400, "The host is not a host name or address with an optional port.")
+            return False
+        if not self.framing_is_clear() or not self.host_is_served():
+            return False
+        connection = self.headers.get("connection", "").lower()
+        if "," in connection:  # a list, such as "keep-alive, Upgrade"
+            connection = {token.strip() for token in connection.split(",")}
+        else:
+            connection = {connection}
+        keep_alive = self.request_version == "HTTP/1.1" or "keep-alive" in connection
+        self.close_connection = "close" in connection or not keep_alive
+        if self.headers.get("expect", "").lower() == "100-continue":
+            return self.handle_expect_100()  # curl asks this before sending a larger body
+        return True
+
+    def read_headers(self):
+        """Read the header lines into self.headers, within their budgets. False if refused.
+
+        A name that comes again is joined to the first one's value with a comma, which RFC 9110
+        (section 5.3) says means the same as the separate lines, so nothing that came is
+        ignored; but a header that must have one value (SINGLE_HEADERS) is refused if repeated.
+        """
+        lines = []
+        budget = MAX_HEADER_BYTES  # what the lines still to come may take, together
+        while True:
+            line = self.rfile.readline(budget + 2)
+            if line in (b"\r\n", b"\n"):
+                break
+            budget -= len(line)
+            if budget < 0 or len(lines) == MAX_HEADERS:
+                self.send_error(431, f"The request's headers are more than {MAX_HEADERS} lines "
+                                     f"or {MAX_HEADER_BYTES // 1024} KiB.")
+                return False
+            if not line.endswith(b"\n"):
+                self.send_error(400, "The request ended in the middle of its headers.")
+                return False
+            lines.append(line)
+        # The whole block is checked at once, and then cut into names and values, each by one
+        # regular expression: a dozen steps of Python for each line made this the largest cost
+        # of a poll (a browser sends ten lines or so).
+        block = b"".join(lines).decode("iso-8859-1")
+        if not HEADER_BLOCK.fullmatch(block):  # (also refusing a line folded onto the last one)
+            self.send_error(400, "A header line is not Name: value, with a name of "
+                                 "letters, digits and -!#$%&'*+.^_`|~ and a value with no "
+                                 "control characters.")
+            return False
+        self.headers = {}  # by lower-case name
+        for name, value in HEADER_LINE.findall(block):
+            name, value = name.lower(), value.strip(" \t")
+            if name not in self.headers:
+                self.headers[name] = value
+            elif name in SINGLE_HEADERS:
+                self.send_error(400, f"A request may have only one {SINGLE_HEADERS[name]} header.")
+                return False
+            else:
+                self.headers[name] += ", " + value
+        return True
+
+    def framing_is_clear(self):
+        """Refuse a request whose length could be read two ways (RFC 9112 section 6.3). False if
+        refused. A body with Transfer-Encoding alone is refused later, when it would be read."""
+        length = self.headers.get("content-length")
+        if length is None:
+            return True
+        if "transfer-encoding" in self.headers:
+            self.send_error(400, "A request may not have both Content-Length and "
+                                 "Transfer-Encoding.")
+            return False
+        if not DIGITS.fullmatch(length):  # not isdigit(): it also accepts "²"
+            self.send_error(400, "The Content-Length header is not a number.")
+            return False
+        return True
+
+    # --- DNS rebinding: another site's page talking to us as if it were us ------------------------
+    # Threat: a hostile web page points its own domain name at 127.0.0.1, and its script then
+    # talks to the room on this machine as a page of the same site.
+    # Defence: listening on loopback, a request for any other host name gets 421 (its requests
+    # still carry the hostile name in Host).
+    # Proved by: test_a_foreign_host_name_is_refused
+
+    def host_is_served(self):
+        """Refuse (421) a Host we do not answer for. False if refused."""
+        allowed = self.server.allowed_hosts
+        host = self.headers.get("host")
+        if allowed is None or host is None:
+            return True
+        name = host.rsplit("]", 1)[0] + "]" if host.startswith("[") else host.rsplit(":", 1)[0]
+        if name.lower() not in allowed:
+            self.send_error(421, f"This server does not answer for the host {host[:100]!r}.")
+            return False
+        return True
+
+    # --- Other web sites posting in the visitor's name (CSRF) -------------------------------------
+    # Threat: a page on another site makes its visitor's browser post to the room, cookie and all.
+    # Defence: a post from another site (by Origin, or Sec-Fetch-Site) is refused with 403. (Posts
+    # must also be JSON, which a plain form cannot send, and the cookie is SameSite=Strict.)
+    # Proved by: test_cross_site_posts_are_refused, test_own_page_behind_an_https_proxy_may_post
+
+    def post_message(self, query):
+        self.check_origin()
+        super().post_message(query)
+
+    def post_name(self, query):
+        self.check_origin()
+        super().post_name(query)
+
+    def check_origin(self):
+        """Refuse a POST that another web site's page sends with the visitor's browser (CSRF).
+
+        Browsers say where a request comes from in Origin (and Sec-Fetch-Site). Only the host is
+        compared, not the scheme, so that the room still works behind an HTTPS proxy.
+        """
+        origin = self.headers.get("origin")
+        from_elsewhere = (origin is not None
+                          and origin.partition("://")[2] != self.headers.get("host", ""))
+        if from_elsewhere or self.headers.get("sec-fetch-site", "same-origin") not in (
+                "same-origin", "none"):
+            raise RequestError(403, "Posting is allowed only from this chat room's own page.")
+
+    # --- Slow and stalled clients -----------------------------------------------------------------
+    # Threat: a client that sends its request a byte at a time ("slowloris"), or stops halfway, or
+    # reads its answers a trickle at a time, or never: each holds a thread, and the kernel's
+    # memory, for as long as it likes.
+    # Defence: every read and write waits at most --request-timeout (set_time_outs); a whole
+    # request must arrive within it too (RequestReader); an answer must be read at MIN_READ_RATE
+    # (write_within); and the kernel holds at most MAX_UNSENT bytes of answers for a connection
+    # (limit_unsent), so pipelined requests are answered only as fast as the client reads.
+    # Proved by: test_stalled_clients_are_dropped_and_hold_up_no_one,
+    # test_a_client_sending_a_byte_at_a_time_is_dropped,
+    # test_a_client_that_never_reads_its_answers_is_dropped,
+    # test_a_client_that_reads_a_trickle_is_dropped,
+    # test_a_client_that_pipelines_and_never_reads_ties_up_little_memory
+
+    def setup(self):
+        super().setup()
+        set_time_outs(self.connection, self.server.request_timeout)
+        limit_unsent(self.connection)
+        self.rfile.close()  # read through RequestReader instead, for its deadline
+        self.request_reader = RequestReader(self.connection, self.server.request_timeout)
+        self.rfile = io.BufferedReader(self.request_reader, REQUEST_BUFFER)
+
+    def handle_one_request(self):
+        self.request_reader.start_deadline()  # the next request must have arrived in time
+        super().handle_one_request()
+
+    def write_whole(self, data):
+        write_within(self.connection, data, self.server.request_timeout + len(data) / MIN_READ_RATE)
+
+
+def is_host(value):
+    """True if `value` is what Host may hold: uri-host, and a port if any."""
+    found = HOST.fullmatch(value)
+    if found is None:
+        return False
+    if found.group(1):
+        try:
+            ipaddress.IPv6Address(found.group(1)[1:-1])
+        except ValueError:
+            return False
+    return True
+
+
+def allowed_hosts(host):
+    """Host names a request may name when we listen on loopback; None (any) otherwise."""
+    loopback = {"127.0.0.1", "localhost", "::1", "[::1]"}
+    if host.lower() in loopback or host.startswith("127."):
+        return loopback | {host.lower()}
+    return None
+
+
+class RequestReader(io.RawIOBase):
+    """The socket as http.server reads it, with one deadline for the whole request.
+
+    The socket's time-out (set_time_outs) limits each wait for data, so on its own it lets a
+    client that sends one byte every few seconds hold a thread for ever (the "slowloris" attack).
+    So each request also has a deadline, restarted by handle_one_request(), and once it has
+    passed, the next read is refused: such a client is dropped at most one socket time-out after
+    its deadline (with the default 10 s, 20 s after its request began).
+
+    Each read could instead wait only for the time left (socket.settimeout() before every
+    read): exact, but each settimeout() is one more system call, and system calls are what cost
+    most when a crowd arrives (see set_time_outs, next).
+    """
+
+    def __init__(self, connection, seconds):
+        self.connection = connection
+        self.seconds = seconds
+        self.start_deadline()
+
+    def readable(self):
+        return True
+
+    def start_deadline(self):
+        self.deadline = time.monotonic() + self.seconds
+
+    def readinto(self, buffer):
+        if time.monotonic() > self.deadline:
+            raise TimeoutError("the request did not arrive in time")
+        try:
+            return self.connection.recv_into(buffer)
+        except BlockingIOError:  # a read that the kernel timed out (see set_time_outs)
+            raise TimeoutError("the client sent nothing for too long") from None
+
+
+def set_time_outs(connection, seconds):
+    """Make each read and each write on the socket give up after `seconds` of waiting.
+
+    socket.settimeout() would do it, but then Python makes a poll() system call (wait until the
+    socket is ready, or the time is up) before every recv() and send(): two system calls instead
+    of one. A thread releases the GIL for each system call, and when hundreds of threads wait
+    for the GIL, each release wakes one of them: when a crowd arrives, more of the server's time
+    goes to threads sleeping and waking for the GIL than to our Python code (README,
+    Performance).
+
+    So the kernel times out each call itself (the SO_RCVTIMEO and SO_SNDTIMEO options, given as
+    a C struct timeval: seconds and microseconds), on a socket left blocking, as accept() made
+    it. A call that timed out fails with EAGAIN, as on a non-blocking socket, and Python raises
+    BlockingIOError: RequestReader turns it into TimeoutError; for writes it is in
+    CLIENT_WENT_AWAY. One difference: settimeout() limits a whole sendall(), the kernel each
+    send() in it, so a client that reads a little every few seconds can stretch an answer out.
+    Windows wants milliseconds instead of a timeval: there we keep settimeout().
+    """
+    if sys.platform == "win32":
+        connection.settimeout(seconds)
+        return
+    whole_seconds = int(seconds)
+    # Rounded up: a timeval of zero would mean "wait for ever".
+    microseconds = math.ceil((seconds - whole_seconds) * 1_000_000)
+    timeval = struct.pack("@ll", whole_seconds, microseconds)
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+
+
+def limit_unsent(connection):
+    """Let the kernel hold at most MAX_UNSENT bytes of our answers unsent on this connection.
+
+    With TCP_NOTSENT_LOWAT, a write waits (and a socket counts as writable) only once the
+    answers queued before it have mostly gone out. So a client that pipelines requests and
+    reads slowly has them answered one at a time, as fast as it reads, and not into a buffer of
+    megabytes. Where the option is missing (not Linux), the kernel's own limits apply.
+    """
+    if hasattr(socket, "TCP_NOTSENT_LOWAT"):
+        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, MAX_UNSENT)
+
+
+def write_within(connection, data, seconds):
+    """Write all of `data`, or raise TimeoutError once `seconds` have passed.
+
+    sendall() would do it, but each send() in it may wait a socket time-out anew: a client that
+    reads a little every few seconds could stretch one answer out for ever. The first send()
+    usually takes everything; if not, wait until the socket has room (poll(), with the time
+    left), send what fits without waiting, and so on until all is written or the time is up.
+    """
+    deadline = time.monotonic() + seconds
+    rest = memoryview(data)[connection.send(data):]  # waits at most one socket time-out
+    if rest and not ANSWERS_WITHOUT_WAITING:  # Windows: settimeout() bounds a whole sendall()
+        connection.sendall(rest)
+        return
+    if rest:
+        room_to_write = select.poll()
+        room_to_write.register(connection, select.POLLOUT)
+    while rest:
+        left = deadline - time.monotonic()
+        if left <= 0 or not room_to_write.poll(left * 1000):
+            # Not TimeoutError, which http.server would log as a request that timed out.
+            raise ConnectionAbortedError("the client did not read its answer in time")
+        rest = send_now(connection, rest)
+
+
+# --- Script injection and framing ---------------------------------------------------------------
+# Threat: markup in a message or a name that runs as script in other people's pages; another site
+# showing the room in a frame; the browser guessing a type, or telling other sites our address.
+# Defence: the page puts user text in only as text (index.html); and every answer carries a
+# Content-Security-Policy that allows only the page's own inline script and style, by hash, and no
+# framing, with nosniff and no-referrer (DefendedServer.common_headers).
+# Proved by: test_every_answer_carries_the_security_headers, test_markup_comes_back_verbatim,
+# test_markup_in_messages_and_names_is_shown_as_text
+
+def security_headers(page):
+    """The header lines every answer carries, with the hashes of the page's inline script and
+    style; joined once, here, as http_answer() writes them."""
+    def hashes(tag):
+        found = re.findall(rf"<{tag}>(.*?)</{tag}>".encode(), page, re.DOTALL)
+        digests = [hashlib.sha256(block).digest() for block in found]
+        return " ".join(f"'sha256-{base64.b64encode(digest).decode()}'" for digest in digests) \
+            or "'none'"
+
+    policy = CONTENT_SECURITY_POLICY.format(script=hashes("script"), style=hashes("style"))
+    return (f"Content-Security-Policy: {policy}\r\n"
+            "X-Content-Type-Options: nosniff\r\n"
+            "Referrer-Policy: no-referrer\r\n")
+
+
+# ==================================================================================================
+# 11. The defended server
+# ==================================================================================================
+
+class DefendedServer(ChatServer):
+    """ChatServer, for the open network: caps on connections, and threads that start at once."""
+
+    def __init__(self, address, room, sessions, limiter, page, chime, poll_timeout, *,
+                 max_clients, max_clients_per_address, request_timeout):
+        super().__init__(address, room, sessions, limiter, page, chime, poll_timeout,
+                         handler=DefendedHandler)
+        self.common_headers = security_headers(page)
+        self.allowed_hosts = allowed_hosts(address[0])
+        self.request_timeout = request_timeout
+        self.max_clients = max_clients
+        self.max_clients_per_address = max_clients_per_address
+        self.open_connections = 0
+        self.connections_from = collections.Counter()  # client IP address -> its open connections
+        self._lingering = []  # (refused connection, time.monotonic() by which to close it)
+        self._busy = threading.Lock()  # guards the counts of connections above
+
+    # --- Too many connections, or one client taking every place ---------------------------------
+    # Threat: a flood of connections, each holding a thread, until the machine runs out; or one
+    # client keeping every place taken, so that no one else gets in.
+    # Defence: past --max-clients open connections, or --max-clients-per-address from one
+    # address, a newcomer gets a quick 503 with Retry-After from the accepting thread, without a
+    # thread of its own; its connection lingers a moment so that it can read the answer.
+    # Proved by: test_full_server_answers_newcomers_503_and_keeps_its_clients,
+    # test_one_address_cannot_take_every_place
+    #
+    # --- A crowd arriving at once -----------------------------------------------------------------
+    # Threat: thousands of people opening the room together (after a link is shared, or when the
+    # server restarts under open pages): the accepting thread must take them in fast.
+    # Defence: each connection's thread starts without waiting for it to run (start_thread).
+    # Proved by: test_a_burst_of_connections_is_not_refused; measured by bench_chatroom.py, crowd
+
+    def process_request(self, request, client_address):
+        """Start a thread for the connection, unless too many are open already, in all or from
+        its address (so that one client cannot take every place: --max-clients-per-address)."""
+        address = client_address[0]
+        with self._busy:
+            full = (self.open_connections >= self.max_clients
+                    or self.connections_from[address] >= self.max_clients_per_address)
+            if not full:
+                self.open_connections += 1
+                self.connections_from[address] += 1
+        if full:
+            self.refuse(request)
+            return
+        try:
+            start_thread(self.process_request_thread, request, client_address)
+        except RuntimeError:  # the system would not start another thread
+            self._connection_closed(address)
+            self.refuse(request)
+
+    def refuse(self, request):
+        """Answer 503 from the accepting thread, without starting a thread for the connection.
+
+        Closing a socket that has unread data makes the system reset the connection, and a
+        client still sending its request would get that error instead of our answer. So the
+        connection stays open a moment (see service_actions) while we discard what arrives.
+        """
+        send_refusal(request, self.common_headers)
+        if len(self._lingering) >= MAX_LINGERING:
+            self.shutdown_request(request)
+            return
+        try:
+            request.shutdown(socket.SHUT_WR)  # the client reads our answer, then the end
+        except OSError:
+            pass
+        self._lingering.append((request, time.monotonic() + REFUSAL_LINGER))
+
+    def service_actions(self):
+        """serve_forever() calls this after each accept and twice a second: close the refused
+        connections whose client has gone, or has had REFUSAL_LINGER seconds to read our 503."""
+        now = time.monotonic()
+        lingering = []
+        for connection, deadline in self._lingering:
+            if now < deadline and discard_input(connection):
+                lingering.append((connection, deadline))
+            else:
+                connection.close()
+        self._lingering = lingering
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._connection_closed(client_address[0])
+
+    def _connection_closed(self, address):
+        with self._busy:
+            self.open_connections -= 1
+            self.connections_from[address] -= 1
+            if not self.connections_from[address]:
+                del self.connections_from[address]  # so that the counter holds only who is here
+
+
+def start_thread(function, *arguments):
+    """Run function(*arguments) in a new thread, and return at once.
+
+    ThreadingHTTPServer would start a threading.Thread, whose start() waits until the new thread
+    is running. That costs two turns at the GIL: one for the new thread to say it started, one
+    for the accepting thread to get the GIL back. When a crowd arrives, hundreds of threads are
+    waiting for the GIL, so each turn is a long wait, and newcomers queue behind the accepting
+    thread (README, Performance). _thread, the module threading is built on, starts a thread
+    without waiting. Like a daemon thread, the new thread does not hold up the exit of the
+    process.
+    """
+    _thread.start_new_thread(function, arguments)
+
+
+def send_refusal(request, common_headers):
+    """Tell a client we are full. Leaves the socket non-blocking, for discard_input()."""
+    body = encode_json({"error": "The chat room is full right now. Please try again soon."})
+    answer = http_answer(503, body, "application/json", [("Retry-After", str(BUSY_RETRY_AFTER))],
+                         common_headers, close=True)
+    try:
+        request.setblocking(False)
+        request.send(answer)  # a few hundred bytes: a new socket's buffer always has room
+    except OSError:
+        pass
+
+
+def discard_input(connection):
+    """Read and drop what a non-blocking socket has received. False once the client has closed."""
+    try:
+        for _ in range(16):  # at most 1 MiB per call, so a fast sender cannot keep us here
+            if not connection.recv(65536):
+                return False
+        return True
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
 
 
 if __name__ == "__main__":
