@@ -3,7 +3,7 @@
 Run it:    python bench_chatroom.py                    every scenario, a few minutes
            python bench_chatroom.py --quick            small sizes, a smoke test in about a minute
            python bench_chatroom.py --scenarios single,fanout --fanout-sizes 100,1000
-           python bench_chatroom.py --chatroom /tmp/perf/chatroom.py     measure a patched copy
+           python bench_chatroom.py --chatroom copy/chatroom.py          measure a changed copy
            python bench_chatroom.py --url http://127.0.0.1:8000/ --pid 1234   a running server
 
 Standard library only, Linux only (server CPU and memory come from /proc).

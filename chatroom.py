@@ -259,9 +259,12 @@ class Room:
         answer and wakes us (see write_answers): we then only finish what it could not write.
         If `timeout` passes first (nothing new), or the room closes, the poll is ours to answer.
 
-        A thread that calls wait() must hold the Condition's lock; wait() lets go of it while it
-        waits and takes it back before it returns. Once back, the thread looks again: wait() may
-        return because the time is up, or because the wake-up was meant for another thread.
+        A Condition is a lock with a place to wait. A thread must hold the lock to wait, and to
+        notify (wake) a waiting thread. wait() lets go of the lock while it waits, and takes it
+        back before it returns: so the state the waiter looks at cannot change under its eyes,
+        and the thread that changes it cannot miss a waiter. Once back, the thread looks again,
+        in a `while` loop: wait() may return because the time is up, or because the wake-up was
+        meant for another thread.
         """
         deadline = time.monotonic() + timeout
         with self._changed:
