@@ -44,7 +44,7 @@ Page A waits; page B says "hi". Read these functions in this order; all of them 
            -> Room._publish: the version becomes 42, and the list of pending polls is taken,
            -> ChatHandler.send: B's 201,
            -> Room.write_answers: A's answer goes straight to A's socket (and every other
-              waiting page's to theirs); then A's thread is woken (Room._pass_the_wake_up).
+              waiting page's to theirs); then A's thread is woken (Room._wake_next).
   page A   has "hi". Its thread reads A's next poll, since=42, and parks it again.
 
 How this file is organised
@@ -67,7 +67,8 @@ socketserver offer for it, and each says what it defends against and which test 
 
 On a first read, skip Part II: main() runs Part I's room behind it, and the room works the same
 without it. In Part I you may also skip how presence notices that a page was closed (the end of
-Presence), and how a woken thread hands its wake-up on (Room.hand_on_wake_up and its callers).
+Presence), and the calls to Room.wake_next_if_owed: read each as "before waiting, let the next
+woken thread go" (Room._wake_next tells why).
 """
 
 import _thread
@@ -115,6 +116,8 @@ DEFAULT_PORT = 8000
 LISTEN_BACKLOG = 4096  # connections the kernel queues for us until accept(): a crowd arriving at
 #                        once must wait in this queue, not be refused (the stdlib's default is 5;
 #                        Linux caps the number at net.core.somaxconn, 4096 on recent kernels)
+OPEN_FILES = 65536  # open files we ask the system to allow (each connection is one): room for
+#                     --max-clients and more, where many systems allow 1024 unless asked
 PAGE_GZIP_LEVEL = 9  # the page is compressed once, at start-up, so the smallest (slowest) level
 #                      costs nothing per request
 
@@ -129,26 +132,34 @@ PRESENCE_INTERVAL = 1.0  # seconds: a change in who is online wakes the parked p
 ARRIVALS_PAUSE = 0.2  # seconds without a newcomer after which the newcomers are announced: people
 #                       arriving together are announced together, once they are all in
 ARRIVALS_MAX_WAIT = 2.0  # seconds a newcomer waits for that pause at most, if people keep coming
-DEFAULT_ONLINE_WINDOW = 30  # seconds after their last poll that someone still counts as online
+DEFAULT_ONLINE_WINDOW = 30  # seconds after their last poll that someone still counts as online:
+#                             longer than a poll's wait, and a page that lost its connection for a
+#                             moment is back well within it
 MAX_ONLINE = 1000  # people in the online list: every answer that carries the list carries them all,
 #                    and anyone can make up a cookie. Past this, newcomers are served but not listed
-SHUTDOWN_GRACE = 2.0  # seconds we give requests in progress to finish when the server stops
+SHUTDOWN_GRACE = 2.0  # seconds we give requests in progress to finish when the server stops:
+#                      parked polls answer at once, so this is for answers still being written
 SHUTDOWN_CHECK_INTERVAL = 0.01  # seconds between two looks, then, at whether they have finished
 
 # Messages and names.
-SNAPSHOT_SIZE = 100  # messages a page gets when it first loads
+SNAPSHOT_SIZE = 100  # messages a page gets when it first loads: a few screens' worth; older
+#                     ones come a page at a time if the reader scrolls back
 MAX_BATCH = 500  # messages in one answer to a page that fell far behind; it asks again for the rest
+#                  (so that no answer grows past a few hundred KB, however long it was away)
 RECENT_MESSAGES = 500  # the latest messages kept in memory, encoded: a page less far behind than
 #                        this is answered without reading the disk (between 500 and 1000 are kept)
 HISTORY_PAGE = 100  # older messages a reader gets each time they scroll back, unless they ask for
 #                     another number (GET /api/messages?before=ID&limit=N)
 MAX_HISTORY_PAGE = 500  # the most one such answer may hold, as for a poll's batch. A larger limit is
 #                         refused, not cut down: "fewer than asked for" must mean "that is all"
-MAX_TEXT_LENGTH = 2000  # characters in one message
-MAX_NAME_LENGTH = 40  # characters in a name
-MAX_BODY_BYTES = 16 * 1024  # a JSON body larger than this is refused unread
+MAX_TEXT_LENGTH = 2000  # characters in one message: a long message, not a document
+MAX_NAME_LENGTH = 40  # characters in a name: it must fit the online list and a message's line
+MAX_BODY_BYTES = 16 * 1024  # a JSON body larger than this is refused unread (the longest message
+#                             fits twice over as a browser's JSON.stringify sends it: 2000
+#                             characters of at most 4 bytes each)
 
-# Rate limits: at most COUNT messages in any SECONDS, for each (COUNT, SECONDS) pair.
+# Rate limits: at most COUNT messages in any SECONDS, for each (COUNT, SECONDS) pair. Short windows
+# stop a burst, long ones a steady flood; a person chatting keeps well inside them all.
 RATE_LIMITS = [(2, 3), (3, 10), (8, 60), (50, 600)]
 FORGET_POSTS_EVERY = 1000  # attempts to post between two clean-ups of the limiter's memory: a
 #                            clean-up looks at every recent poster, too slow to do on every post
@@ -162,7 +173,8 @@ MAX_CACHED_USERS = 10_000  # users kept in memory; past this, those not online a
 
 # Storage.
 SCHEMA_VERSION = 1  # stored in the file as PRAGMA user_version, so we never touch a foreign file
-STORAGE_BUSY_TIMEOUT = 1.0  # seconds SQLite waits for a lock held elsewhere before a write fails
+STORAGE_BUSY_TIMEOUT = 1.0  # seconds SQLite waits for a lock held elsewhere before a write fails:
+#                             a post fails (503) rather than wait longer than a person would
 
 
 # ==================================================================================================
@@ -178,16 +190,16 @@ class PendingPoll:
     after its time-out; the room closing); once a change has taken the list, the poll is that
     change's to answer, until it is `done` with it.
 
-    `answer_bytes` turns an answer's JSON body into the very bytes the poll's own thread would
+    `as_http_answer` turns an answer's JSON body into the very bytes the poll's own thread would
     write (status line, headers, body); it is None for a poll that only its own thread may
     answer (see ChatHandler.room_may_answer).
     """
 
-    def __init__(self, user, since, connection=None, answer_bytes=None):
+    def __init__(self, user, since, connection=None, as_http_answer=None):
         self.user = user
         self.since = since
         self.connection = connection  # its socket
-        self.answer_bytes = answer_bytes
+        self.as_http_answer = as_http_answer
         self.done = False  # the change that took it is done with it: its own thread may go on
         self.written = False  # the change wrote all that the socket would take at once,
         self.unsent = b""  # ... and this is the rest, for the poll's own thread to finish
@@ -223,8 +235,11 @@ class Room:
         self._write_lock = threading.Lock()
         self._changed = threading.Condition()
         self._pending = {}  # PendingPoll -> None: the parked polls, in the order they parked
-        self._to_wake = 0  # parked threads whose poll is answered (or theirs to answer): the relay
-        self._relay = threading.local()  # .holding: this thread owes the relay a wake-up
+        # The relay (see _wake_next): how many parked threads have their poll done (answered, or
+        # now theirs to answer) and are still asleep; and, for each thread, whether it was woken
+        # by the relay and still owes the next one its wake-up (.owed).
+        self._to_wake = 0
+        self._relay = threading.local()
 
     # --- Parking a poll ---------------------------------------------------------------------------
 
@@ -268,7 +283,7 @@ class Room:
         """
         deadline = time.monotonic() + timeout
         with self._changed:
-            self._hand_on_held_wake_up()  # we are about to wait (see _pass_the_wake_up)
+            self.wake_next_if_owed()  # we are about to wait (see _wake_next)
             if poll.since != self.version or self.closing or timeout <= 0:
                 return  # behind (or ahead, or we are stopping, or no wait was asked for)
             self._pending[poll] = None
@@ -287,20 +302,22 @@ class Room:
                 else:
                     # A change took the list, and is answering us: never for long, as
                     # write_answers() waits for no socket, and is done with all it took even if
-                    # it fails.
+                    # it fails. The time-out is only there in case.
                     remaining = SHUTDOWN_GRACE
                 self._changed.wait(remaining)
                 if not poll.done:
-                    self._pass_the_wake_up()  # it was not for us: on to the next thread
+                    # Woken for nothing, or by our own time-out: if it was the relay, the wake-up
+                    # was meant for another thread, so pass it on (one too many does no harm).
+                    self._wake_next()
             self._to_wake -= 1
-            self._relay.holding = True  # we owe the next thread its wake-up
+            self._relay.owed = True  # we owe the next thread its wake-up
 
-    def _pass_the_wake_up(self):
+    def _wake_next(self):
         """Wake the next parked thread, if any thread still has an answer waiting for it.
 
         Waking is a relay: write_answers() wakes one parked thread, and each thread that wakes
         wakes the next, not at once, but when it is about to wait again: for its page's next
-        poll, for its client, or for the disk (hand_on_wake_up). So one woken thread runs at a
+        poll, for its client, or for the disk (wake_next_if_owed). So one woken thread runs at a
         time. Woken together, as by notify_all(), threads take turns at the GIL at every system
         call (any read or write lets go of it), each turn a switch from one thread to another:
         more switches, and more of the server's time, than the answers themselves cost.
@@ -313,24 +330,22 @@ class Room:
         if self._to_wake > 0:
             self._changed.notify()
 
-    def hand_on_wake_up(self):
+    def wake_next_if_owed(self):
         """If the relay woke this thread and it has not woken the next one yet, do it now.
 
-        Called before anything that may wait: a read that would wait for the client (in
-        ChatHandler.handle_one_request and read_json), a write (ChatHandler.write), a change to
-        the room (the disk), the end of a connection (ChatHandler.finish).
+        Called before anything that may wait: parking the next poll (wait_for_change), a read
+        that would wait for the client (ChatHandler.handle_one_request, read_json), a write
+        (ChatHandler.write), a change to the room (the disk), the end of a connection
+        (ChatHandler.finish). On a first read, take each call as "before waiting, let the next
+        thread go".
         """
-        if self.holds_wake_up():
-            with self._changed:
-                self._hand_on_held_wake_up()
+        if self.owes_wake_up():
+            with self._changed:  # (its lock is an RLock: a caller may hold it already)
+                self._relay.owed = False
+                self._wake_next()
 
-    def holds_wake_up(self):
-        return getattr(self._relay, "holding", False)
-
-    def _hand_on_held_wake_up(self):
-        if self.holds_wake_up():
-            self._relay.holding = False
-            self._pass_the_wake_up()
+    def owes_wake_up(self):
+        return getattr(self._relay, "owed", False)
 
     def _count_parked(self, poll):
         """Count the poll as its user's; if they now have too many, answer their oldest now."""
@@ -341,7 +356,7 @@ class Room:
                     del self._pending[oldest]
                     oldest.done = True  # (and not written: its own thread answers it)
                     self._to_wake += 1
-                    self._pass_the_wake_up()
+                    self._wake_next()
 
     def close(self):
         """Wake every parked poll so that it answers, and refuse to park new ones."""
@@ -384,17 +399,19 @@ class Room:
         This is the broadcast: one thread writes every waiting page's answer, straight from the
         list of pending polls. (Waking each parked thread to build and write its own answer
         would cost each page a turn at the GIL, one after another, before it heard the news.)
-        It runs without the room's lock held, so other posts and polls go on meanwhile.
+        It runs without the room's lock held, so other posts and polls go on meanwhile; an
+        answer is made when it is written, so it may also carry a change made since the list was
+        taken (never less than the change that took it).
         """
         answers = {}  # since -> the answer's body without "you": one per `since` in this broadcast
-        started, version = time.perf_counter(), self.version
+        started, version = time.perf_counter(), self.version  # (both for the log line only)
         try:
             for poll in taken:
-                if poll.answer_bytes is None:
+                if poll.as_http_answer is None:
                     continue  # its own thread answers it
                 if poll.since not in answers:
                     answers[poll.since] = self.shared_answer(poll.since)
-                answer = poll.answer_bytes(with_you(answers[poll.since], poll.user))
+                answer = poll.as_http_answer(with_you(answers[poll.since], poll.user))
                 try:
                     poll.unsent = send_now(poll.connection, answer)
                 except OSError as error:  # the client has gone
@@ -405,7 +422,7 @@ class Room:
                 for poll in taken:
                     poll.done = True
                 self._to_wake += len(taken)
-                self._pass_the_wake_up()
+                self._wake_next()
         if self.log_polls and taken:
             log(f"version {version}: answered {len(taken)} waiting "
                 f"poll{'s' if len(taken) > 1 else ''} in "
@@ -427,6 +444,7 @@ class Room:
             version = self.version
             snapshot = since is None or since > version
             online = self.online_json if snapshot or self.online_version > since else None
+            # (_recent_from == 0: the room was empty when we started, so every message is kept)
             if snapshot and (len(self._recent_json) >= SNAPSHOT_SIZE or self._recent_from == 0):
                 messages = self._recent_json[-SNAPSHOT_SIZE:]
             elif not snapshot and since >= self._recent_from:
@@ -455,7 +473,7 @@ class Room:
 
         Returns the message and the polls taken from the list, for write_answers().
         """
-        self.hand_on_wake_up()  # saving may wait for the disk
+        self.wake_next_if_owed()  # saving may wait for the disk
         with self._write_lock:
             message = {
                 "id": self.version + 1,  # a message's id is the version its arrival created
@@ -472,7 +490,7 @@ class Room:
 
         Returns the polls taken from the list, for write_answers().
         """
-        self.hand_on_wake_up()  # saving may wait for the disk
+        self.wake_next_if_owed()  # saving may wait for the disk
         with self._write_lock:
             version = self.version + 1
             self.storage.save_name(user, name, version)
@@ -495,7 +513,7 @@ class Room:
             # restart, or a page that saw this one would take the restarted room for a new one.
             self.storage.save_version(version)
             taken = self._publish(version, online=online)
-        self.write_answers(taken)
+        self.write_answers(taken)  # no client of ours to answer first, unlike a post's 201
         return True
 
 
@@ -594,8 +612,10 @@ class Presence:
 
     def unpark(self, poll):
         with self._lock:
-            if self._drop_parked(poll):  # (if not, it was released, or its page went away: it
-                self._seen_now(poll.user)  # no longer counts as a visit)
+            # If it is no longer counted (its user had too many, or its page went away), its end
+            # is no visit either.
+            if self._drop_parked(poll):
+                self._seen_now(poll.user)
 
     def _drop_parked(self, poll):
         """Stop counting a parked poll. True if it was counted. The caller holds _lock."""
@@ -677,6 +697,8 @@ class Presence:
         # socket is then readable only because the page closed it (or sent another request),
         # and the peek returns at once. An unparked poll's thread might have read the socket
         # empty in between, and the peek would wait for the socket's time-out.
+        # The one place that makes system calls under _lock: once a second, and each of them
+        # returns at once (select() with no time-out; a peek at a socket that has data or its end).
         with self._selector_lock, self._lock:
             try:
                 ready = self._selector.select(timeout=0)
@@ -717,6 +739,7 @@ class User:
 
     def __init__(self, sid, name=None):
         self.sid = sid
+        # 16 hex digits (64 bits): enough to tell people apart, and short in every answer.
         self.id = hashlib.sha256(sid.encode("ascii")).hexdigest()[:16]
         self.name = name or f"Guest {int(self.id, 16) % 9000 + 1000}"
         self._encoded_name = self._encoded = None
@@ -1019,13 +1042,13 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         self.server.room.presence.watch(self.connection)  # to notice when the page goes away
 
     def finish(self):
-        self.server.room.hand_on_wake_up()
+        self.server.room.wake_next_if_owed()
         self.server.room.presence.forget_connection(self.connection)
         super().finish()
 
     def handle_one_request(self):
-        if self.server.room.holds_wake_up() and not request_waiting(self.connection):
-            self.server.room.hand_on_wake_up()  # we are about to wait for the next request
+        if self.server.room.owes_wake_up() and not request_waiting(self.connection):
+            self.server.room.wake_next_if_owed()  # we are about to wait for the next request
         super().handle_one_request()
 
     def do_GET(self):
@@ -1113,7 +1136,7 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         poll = PendingPoll(user, since, self.connection,
                            self.poll_answer if self.room_may_answer() else None)
         body = self.server.room.poll(poll, timeout, present)
-        if self.server.room.closing:
+        if self.server.room.closing:  # the server is stopping: no next request on this one
             self.close_connection = True
         if body is None:  # the room wrote the answer itself (Room.write_answers)
             self.finish_answer(poll)
@@ -1242,7 +1265,7 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         if len(digits) > len(str(MAX_BODY_BYTES)) or int(digits) > MAX_BODY_BYTES:
             raise RequestError(413, f"The body is larger than {MAX_BODY_BYTES} bytes.")
         size = int(digits)
-        self.server.room.hand_on_wake_up()  # reading the body may wait for the client
+        self.server.room.wake_next_if_owed()  # reading the body may wait for the client
         body = self.rfile.read(size)
         if len(body) < size:
             raise ConnectionError("the client closed the connection in the middle of its body")
@@ -1292,7 +1315,7 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
 
     def write(self, data):
         """Write all of `data`: an answer, or what is left of one."""
-        self.server.room.hand_on_wake_up()  # a write may wait for the client
+        self.server.room.wake_next_if_owed()  # a write may wait for the client
         self.write_whole(data)
 
     def write_whole(self, data):
@@ -1427,6 +1450,7 @@ def representations(page):
     two encodings, and different as soon as the page is changed.
     """
     compressed = gzip.compress(page, compresslevel=PAGE_GZIP_LEVEL, mtime=0)
+    # 32 hex digits (128 bits) of the hash: more than enough to tell two pages apart.
     return {coding: (body, '"' + hashlib.sha256(body).hexdigest()[:32] + '"')
             for coding, body in (("identity", page), ("gzip", compressed))}
 
@@ -1531,6 +1555,7 @@ def log(text):
 
 
 def parse_arguments(argv):
+    # (The defences' flags have their defaults in Part II, section 9.)
     parser = argparse.ArgumentParser(description="A chat room over HTTP long-polling.")
     parser.add_argument("--host", default=DEFAULT_HOST,
                         help="address to listen on (default %(default)s; 0.0.0.0 for everyone)")
@@ -1579,8 +1604,9 @@ def raise_open_file_limit():
     try:
         import resource
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if hard == resource.RLIM_INFINITY or hard > soft:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
+        wanted = OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES)
+        if soft < wanted:  # raise it, never lower it
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
     except (ImportError, ValueError, OSError):
         pass  # not on this system (Windows), or not allowed: keep what we have
 
@@ -1686,9 +1712,8 @@ VISIBLE_ASCII = re.compile(r"[!-~]+")  # a request target: no spaces, controls o
 ABSOLUTE_FORM = re.compile(r"(?i:https?)://([^/?]*)(.*)")
 # Header lines: "Name: value" and the end of the line. A value may hold no control character but
 # the tab: so no NUL, and no bare CR, which some programs take for the end of the line.
-HEADER_BLOCK = re.compile("(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\x00-\x08\x0a-\x1f\x7f]*\r?\n)*")
+HEADER_BLOCK = re.compile(f"(?:{TOKEN.pattern}:[^\x00-\x08\x0a-\x1f\x7f]*\r?\n)*")
 HEADER_LINE = re.compile("([^:]+):([^\r\n]*)\r?\n")  # (name, value), in lines HEADER_BLOCK passed
-DIGITS = re.compile(r"[0-9]+")
 # A Host: a name, an IPv4 address or an [IPv6 address], and an optional :port (RFC 3986 3.2.2).
 HOST = re.compile(r"(?:(\[[0-9A-Fa-f:.]+\])|(?:[A-Za-z0-9._~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})+)"
                   r"(?::[0-9]*)?")
@@ -1793,7 +1818,7 @@ class DefendedHandler(ChatHandler):
         lines = []
         budget = MAX_HEADER_BYTES  # what the lines still to come may take, together
         while True:
-            line = self.rfile.readline(budget + 2)
+            line = self.rfile.readline(budget + 2)  # (+2: the CRLF, to know the line ended)
             if line in (b"\r\n", b"\n"):
                 break
             budget -= len(line)
