@@ -187,8 +187,9 @@ class PendingPoll:
     The room keeps these in its list of pending polls, Room._pending. Who writes a poll's answer
     follows from that list, so that each answer has exactly one writer however threads
     interleave: while the poll is in the list, its own thread may take it out again (nothing new
-    after its time-out; the room closing); once a change has taken the list, the poll is that
-    change's to answer, until it is `done` with it.
+    after its time-out; the room closing), and so may a newer poll of the same user's, if they
+    have too many (Room._count_parked), to let the old one's thread answer it; once a change has
+    taken the list, the poll is that change's to answer, until it is `done` with it.
 
     `as_http_answer` turns an answer's JSON body into the very bytes the poll's own thread would
     write (status line, headers, body); it is None for a poll that only its own thread may
@@ -345,6 +346,7 @@ class Room:
                 self._wake_next()
 
     def owes_wake_up(self):
+        """True if the relay woke this thread and it has not woken the next one yet."""
         return getattr(self._relay, "owed", False)
 
     def _count_parked(self, poll):
@@ -403,15 +405,17 @@ class Room:
         answer is made when it is written, so it may also carry a change made since the list was
         taken (never less than the change that took it).
         """
-        answers = {}  # since -> the answer's body without "you": one per `since` in this broadcast
+        # Every poll taken has seen the same version: each parked when it was up to date, and
+        # each change takes the whole list. So one shared answer serves them all.
+        shared = None
         started, version = time.perf_counter(), self.version  # (both for the log line only)
         try:
             for poll in taken:
                 if poll.as_http_answer is None:
                     continue  # its own thread answers it
-                if poll.since not in answers:
-                    answers[poll.since] = self.shared_answer(poll.since)
-                answer = poll.as_http_answer(with_you(answers[poll.since], poll.user))
+                if shared is None:
+                    shared = self.shared_answer(poll.since)
+                answer = poll.as_http_answer(with_you(shared, poll.user))
                 try:
                     poll.unsent = send_now(poll.connection, answer)
                 except OSError as error:  # the client has gone
@@ -742,16 +746,20 @@ class User:
         # 16 hex digits (64 bits): enough to tell people apart, and short in every answer.
         self.id = hashlib.sha256(sid.encode("ascii")).hexdigest()[:16]
         self.name = name or f"Guest {int(self.id, 16) % 9000 + 1000}"
-        self._encoded_name = self._encoded = None
+        self._public_json = (None, None)  # (the name it was made from, public() encoded)
 
     def public(self):
         return {"id": self.id, "name": self.name}
 
     def public_json(self):
         """public(), encoded: every answer to this user's polls carries it, so it is kept."""
-        if self._encoded_name != self.name:
-            self._encoded_name, self._encoded = self.name, encode_json(self.public())
-        return self._encoded
+        # One tuple, replaced whole: another thread (a broadcast) may read it at any moment.
+        name, encoded = self._public_json
+        if name != self.name:
+            name = self.name
+            encoded = encode_json({"id": self.id, "name": name})
+            self._public_json = (name, encoded)
+        return encoded
 
 
 class Sessions:
@@ -1071,7 +1079,8 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
                     raise RequestError(404, f"There is nothing at {path[:100]!r}.")
                 action = methods.get("GET" if self.command == "HEAD" else self.command)
                 if action is None:
-                    allowed = ", ".join(sorted(methods))
+                    served = {*methods, "HEAD"} if "GET" in methods else set(methods)
+                    allowed = ", ".join(sorted(served))  # (HEAD wherever GET: see above)
                     raise RequestError(405, f"{path} accepts only {allowed}.",
                                        headers=[("Allow", allowed)])
                 getattr(self, action)(query)
@@ -1804,8 +1813,11 @@ class DefendedHandler(ChatHandler):
             connection = {connection}
         keep_alive = self.request_version == "HTTP/1.1" or "keep-alive" in connection
         self.close_connection = "close" in connection or not keep_alive
-        if self.headers.get("expect", "").lower() == "100-continue":
-            return self.handle_expect_100()  # curl asks this before sending a larger body
+        # curl asks this before sending a larger body; an HTTP/1.0 client cannot (RFC 9110
+        # section 10.1.1), and must never be sent a 1xx answer (section 15.2).
+        expect = self.headers.get("expect", "").lower()
+        if expect == "100-continue" and self.request_version == "HTTP/1.1":
+            return self.handle_expect_100()
         return True
 
     def read_headers(self):
@@ -1852,15 +1864,24 @@ class DefendedHandler(ChatHandler):
         return True
 
     def framing_is_clear(self):
-        """Refuse a request whose length could be read two ways (RFC 9112 section 6.3). False if
-        refused. A body with Transfer-Encoding alone is refused later, when it would be read."""
+        """Refuse a request whose body's length could be read two ways, or cannot be known at all
+        (RFC 9112 section 6.3). False if refused. A chunked body, which no route takes, is refused
+        later with 411, when it would be read."""
         length = self.headers.get("content-length")
+        coding = self.headers.get("transfer-encoding")
+        if coding is not None:
+            if length is not None:
+                self.send_error(400, "A request may not have both Content-Length and "
+                                     "Transfer-Encoding.")
+                return False
+            if coding.rsplit(",", 1)[-1].strip(" \t").lower() != "chunked":
+                # Only chunked says where a body ends; the codings before it only transform it.
+                self.send_error(400, "The body's length cannot be known: its Transfer-Encoding "
+                                     "does not end with chunked.")
+                return False
+            return True
         if length is None:
             return True
-        if "transfer-encoding" in self.headers:
-            self.send_error(400, "A request may not have both Content-Length and "
-                                 "Transfer-Encoding.")
-            return False
         if not DIGITS.fullmatch(length):  # not isdigit(): it also accepts "²"
             self.send_error(400, "The Content-Length header is not a number.")
             return False
@@ -2039,7 +2060,7 @@ def limit_unsent(connection):
 
 
 def write_within(connection, data, seconds):
-    """Write all of `data`, or raise TimeoutError once `seconds` have passed.
+    """Write all of `data`, or raise ConnectionAbortedError once `seconds` have passed.
 
     sendall() would do it, but each send() in it may wait a socket time-out anew: a client that
     reads a little every few seconds could stretch one answer out for ever. The first send()

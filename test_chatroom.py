@@ -1573,6 +1573,9 @@ def test_bad_input_gets_a_clear_error(server, what, method, path, headers, body,
     assert response.status == status, (what, response.status, response.body)
     assert response.headers["Content-Type"] == "application/json"
     assert len(response.json["error"]) > 10
+    if status == 405:  # it says what the path does take: HEAD wherever GET
+        allowed = set(response.headers["Allow"].split(", "))
+        assert method not in allowed and ("GET" not in allowed or "HEAD" in allowed), allowed
     assert client.post(f"still fine after {what}").status in (201, 429)
 
 
@@ -1925,6 +1928,8 @@ BAD_HEADS = [
     ("a byte above ASCII in the path", "GET /\xe9 HTTP/1.1\r\nHost: 127.0.0.1\r\n"),
     ("tabs between the words", "GET\t/\tHTTP/1.1\r\nHost: 127.0.0.1\r\n"),
     ("two spaces between the words", "GET  / HTTP/1.1\r\nHost: 127.0.0.1\r\n"),
+    ("a Transfer-Encoding that does not end in chunked",
+     "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked, gzip\r\n"),
 ]
 
 
@@ -1934,6 +1939,19 @@ def test_a_malformed_request_head_is_refused(server, what, head):
     status, headers, body = exchange(server.port, (head + "\r\n").encode("latin-1"))
     assert status == 400, (what, status, body)
     assert headers["connection"] == "close" and json.loads(body)["error"]
+
+
+def test_an_http_1_0_client_is_never_sent_100_continue(server):
+    # An HTTP/1.0 client's Expect is ignored, and it is never sent a 1xx answer (RFC 9110
+    # sections 10.1.1 and 15.2): its post is answered 201 straight away.
+    client = new_client(server)
+    client.join()
+    body = b'{"text": "from an old client"}'
+    head = (f"POST /api/messages HTTP/1.0\r\nHost: 127.0.0.1\r\nCookie: sid={client.sid}\r\n"
+            f"Content-Type: application/json\r\nExpect: 100-continue\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n")
+    answer = exchange_raw(server.port, head.encode("latin-1") + body)
+    assert answer.startswith(b"HTTP/1.1 201 "), answer[:200]
 
 
 def test_tabs_and_latin_1_bytes_in_header_values_are_fine(server):
