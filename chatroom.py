@@ -202,6 +202,9 @@ class PendingPoll:
         self.connection = connection  # its socket
         self.as_http_answer = as_http_answer
         self.done = False  # the change that took it is done with it: its own thread may go on
+        self.wake_up = None  # the Condition its thread waits on (see Room.wait_for_change)
+        self.asleep = False  # its thread is waiting on it
+        self.woken_by_relay = False  # ... and the relay has woken it (see Room._wake_next)
         self.written = False  # the change wrote all that the socket would take at once,
         self.unsent = b""  # ... and this is the rest, for the poll's own thread to finish
         self.error = None  # ... or the socket said that the client has gone (an OSError)
@@ -232,14 +235,15 @@ class Room:
         self.closing = False
         # Two locks, so that waiting for the disk never holds up the parked polls:
         # _write_lock puts writers in a line (one version number each, saved in order);
-        # _changed guards the fields above and below, and is the Condition parked polls wait on.
+        # _lock guards the fields above and below, and each parked poll waits on a Condition of
+        # its own that is built on it (see wait_for_change).
         self._write_lock = threading.Lock()
-        self._changed = threading.Condition()
+        self._lock = threading.RLock()
         self._pending = {}  # PendingPoll -> None: the parked polls, in the order they parked
-        # The relay (see _wake_next): how many parked threads have their poll done (answered, or
-        # now theirs to answer) and are still asleep; and, for each thread, whether it was woken
-        # by the relay and still owes the next one its wake-up (.owed).
-        self._to_wake = 0
+        # The relay (see _wake_next): the polls that are done (answered, or now their thread's to
+        # answer) whose threads may still be asleep, in the order to wake them; and, for each
+        # thread, whether the relay woke it and it still owes the next one its wake-up (.owed).
+        self._to_wake = collections.deque()
         self._relay = threading.local()
 
     # --- Parking a poll ---------------------------------------------------------------------------
@@ -279,18 +283,20 @@ class Room:
         notify (wake) a waiting thread. wait() lets go of the lock while it waits, and takes it
         back before it returns: so the state the waiter looks at cannot change under its eyes,
         and the thread that changes it cannot miss a waiter. Once back, the thread looks again,
-        in a `while` loop: wait() may return because the time is up, or because the wake-up was
-        meant for another thread.
+        in a `while` loop: wait() may return because the time is up, or before anything it
+        waits for is true. Several Conditions may share one lock: each poll has its own, built on
+        the room's lock, so that the room can wake the very thread it means to.
         """
         deadline = time.monotonic() + timeout
-        with self._changed:
+        with self._lock:
             self.wake_next_if_owed()  # we are about to wait (see _wake_next)
             if poll.since != self.version or self.closing or timeout <= 0:
                 return  # behind (or ahead, or we are stopping, or no wait was asked for)
-            self._pending[poll] = None
+            poll.wake_up = threading.Condition(self._lock)
             if self.log_polls:
                 log(f"poll parked: {poll.user.name}, since version {poll.since} "
-                    f"({len(self._pending)} waiting)")
+                    f"({len(self._pending) + 1} waiting)")
+            self._pending[poll] = None  # (last: from here on, a change may take the poll)
             while not poll.done:
                 if poll in self._pending:
                     remaining = deadline - time.monotonic()
@@ -305,13 +311,11 @@ class Room:
                     # write_answers() waits for no socket, and is done with all it took even if
                     # it fails. The time-out is only there in case.
                     remaining = SHUTDOWN_GRACE
-                self._changed.wait(remaining)
-                if not poll.done:
-                    # Woken for nothing, or by our own time-out: if it was the relay, the wake-up
-                    # was meant for another thread, so pass it on (one too many does no harm).
-                    self._wake_next()
-            self._to_wake -= 1
-            self._relay.owed = True  # we owe the next thread its wake-up
+                poll.asleep = True
+                poll.wake_up.wait(remaining)
+                poll.asleep = False
+            if poll.woken_by_relay:
+                self._relay.owed = True  # we owe the next thread its wake-up
 
     def _wake_next(self):
         """Wake the next parked thread, if any thread still has an answer waiting for it.
@@ -323,13 +327,16 @@ class Room:
         call (any read or write lets go of it), each turn a switch from one thread to another:
         more switches, and more of the server's time, than the answers themselves cost.
 
-        notify() wakes the thread that has waited longest (CPython does so; the documentation
-        does not promise it): the polls a change answered parked before any that park after it,
-        so they are woken first. A thread woken for nothing passes the wake-up on and waits
-        again, so in any other order the relay still reaches every thread, with more wake-ups.
+        Each poll has its own Condition, so the relay wakes exactly the threads it means to, in
+        the order their polls were done. A thread that woke by itself meanwhile (its time-out
+        came) is past waiting, and is skipped: it needs no wake-up, and owes none.
         """
-        if self._to_wake > 0:
-            self._changed.notify()
+        while self._to_wake:
+            poll = self._to_wake.popleft()
+            if poll.asleep:
+                poll.woken_by_relay = True
+                poll.wake_up.notify()
+                return
 
     def wake_next_if_owed(self):
         """If the relay woke this thread and it has not woken the next one yet, do it now.
@@ -341,7 +348,7 @@ class Room:
         thread go".
         """
         if self.owes_wake_up():
-            with self._changed:  # (its lock is an RLock: a caller may hold it already)
+            with self._lock:  # (an RLock: a caller may hold it already)
                 self._relay.owed = False
                 self._wake_next()
 
@@ -353,18 +360,19 @@ class Room:
         """Count the poll as its user's; if they now have too many, answer their oldest now."""
         oldest = self.presence.park(poll)
         if oldest is not None:
-            with self._changed:
+            with self._lock:
                 if oldest in self._pending:  # still parked, and still ours to take
                     del self._pending[oldest]
                     oldest.done = True  # (and not written: its own thread answers it)
-                    self._to_wake += 1
+                    self._to_wake.append(oldest)
                     self._wake_next()
 
     def close(self):
         """Wake every parked poll so that it answers, and refuse to park new ones."""
-        with self._changed:
+        with self._lock:
             self.closing = True
-            self._changed.notify_all()
+            for poll in self._pending:
+                poll.wake_up.notify()
 
     # --- Answering the pending polls --------------------------------------------------------------
 
@@ -376,7 +384,7 @@ class Room:
         lock is held for no longer with a thousand polls than with one. Returns the polls, for
         the calling thread to answer with write_answers(), once it has answered its own client.
         """
-        with self._changed:
+        with self._lock:
             self.version = version
             if message is not None:
                 self._remember(message)
@@ -422,10 +430,10 @@ class Room:
                     poll.error = error
                 poll.written = True
         finally:
-            with self._changed:
+            with self._lock:
                 for poll in taken:
                     poll.done = True
-                self._to_wake += len(taken)
+                self._to_wake.extend(taken)
                 self._wake_next()
         if self.log_polls and taken:
             log(f"version {version}: answered {len(taken)} waiting "
@@ -444,7 +452,7 @@ class Room:
         version. Only the short "you" part differs from one reader to the next, and is added at
         the end (with_you). A page further behind than the messages kept is answered from disk.
         """
-        with self._changed:
+        with self._lock:
             version = self.version
             snapshot = since is None or since > version
             online = self.online_json if snapshot or self.online_version > since else None
