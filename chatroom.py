@@ -196,7 +196,7 @@ class PendingPoll:
     answer (see ChatHandler.room_may_answer).
     """
 
-    def __init__(self, user, since, connection=None, as_http_answer=None):
+    def __init__(self, user, since, connection, as_http_answer):
         self.user = user
         self.since = since
         self.connection = connection  # its socket
@@ -384,12 +384,13 @@ class Room:
         lock is held for no longer with a thousand polls than with one. Returns the polls, for
         the calling thread to answer with write_answers(), once it has answered its own client.
         """
+        online_json = None if online is None else encode_json(online)  # (not under the lock)
         with self._lock:
             self.version = version
             if message is not None:
                 self._remember(message)
             if online is not None:
-                self.online, self.online_json = online, encode_json(online)
+                self.online, self.online_json = online, online_json
                 self.online_version = version
             taken, self._pending = self._pending, {}
         return taken
@@ -614,8 +615,7 @@ class Presence:
             self._seen_now(poll.user)
             polls = self._parked[poll.user.id]
             polls.append(poll)
-            if poll.connection is not None:
-                self._parked_on[poll.connection] = poll
+            self._parked_on[poll.connection] = poll
             if len(polls) > MAX_PARKED_PER_USER:
                 oldest = polls[0]
                 self._drop_parked(oldest)
@@ -1232,13 +1232,12 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
     def post_name(self, query):
         """POST /api/name {"name": ...}: change the name shown with your messages."""
         user = self.required_user()
-        name = self.read_json_field("name")
+        name = self.read_json_field("name").strip()  # (the length is counted once trimmed)
         check_text(name, "name", MAX_NAME_LENGTH)
-        name = name.strip()
         if not name:
             raise RequestError(400, "The name is empty.")
         if any(character in name for character in "\n\t"):
-            raise RequestError(400, "A name must be on one line.")
+            raise RequestError(400, "A name must be on one line, without tabs.")
         taken = self.server.room.rename(user, name)
         self.send_json(200, {"you": user.public()},
                        then=lambda: self.server.room.write_answers(taken))
@@ -1544,19 +1543,22 @@ class ChatServer(http.server.ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
-def keep_presence_fresh(room, stop):
+def keep_presence_fresh(room, stop, in_progress):
     """Background thread: announce arrivals and departures, at most once a second.
 
     In a quiet room it looks for departures once a second. Newcomers are announced when they
-    stop coming (Presence.wait_until_time_to_look), with any departures found by then.
+    stop coming (Presence.wait_until_time_to_look), with any departures found by then. Each
+    look counts as a request in progress (`in_progress`), so that stopping the server waits for
+    an announcement being written, as for any answer.
     """
     while True:
         room.presence.wait_until_time_to_look(idle=PRESENCE_INTERVAL)
-        if stop.is_set():
-            return
         try:
-            if not room.refresh_presence():
-                continue
+            with in_progress():
+                if stop.is_set():  # (looked at once counted: the shutdown waits, or we stop)
+                    return
+                if not room.refresh_presence():
+                    continue
         except StorageError as error:
             log(f"could not save a presence change, will retry: {error}")
         # Announcements (and retries) at least PRESENCE_INTERVAL apart, as each wakes every
@@ -1658,7 +1660,8 @@ def main(argv=None):
         sys.exit(f"chatroom: cannot listen on {args.host}:{args.port} ({error.strerror})")
 
     stop = threading.Event()
-    threading.Thread(target=keep_presence_fresh, args=(room, stop), daemon=True).start()
+    threading.Thread(target=keep_presence_fresh, args=(room, stop, server.request_in_progress),
+                     daemon=True).start()
     try:
         host, port = server.server_address[:2]
         shown_host = f"[{host}]" if ":" in host else host

@@ -1091,10 +1091,12 @@ def test_bad_names_are_refused(server, name, why):
 
 
 def test_name_of_40_characters_is_accepted(server):
-    # The limit is inclusive.
+    # The limit is inclusive, and counts the name as trimmed.
     client = new_client(server)
     client.join()
     assert client.rename("n" * 40).status == 200
+    response = client.rename("  " + "m" * 40 + " ")
+    assert response.status == 200 and response.json["you"]["name"] == "m" * 40
 
 
 def test_name_and_identity_survive_a_restart(start_server):
