@@ -364,8 +364,7 @@ class Room:
                 if oldest in self._pending:  # still parked, and still ours to take
                     del self._pending[oldest]
                     oldest.done = True  # (and not written: its own thread answers it)
-                    self._to_wake.append(oldest)
-                    self._wake_next()
+                    oldest.wake_up.notify()  # that thread alone: it owes no one a wake-up
 
     def close(self):
         """Wake every parked poll so that it answers, and refuse to park new ones."""
