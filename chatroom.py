@@ -403,15 +403,15 @@ class Room:
             del self._recent_ids[:RECENT_MESSAGES], self._recent_json[:RECENT_MESSAGES]
 
     def write_answers(self, taken):
-        """Write the answer of each poll taken from the list to its socket, without ever waiting;
-        then wake the polls' threads, which finish what did not fit and read their next request.
+        """Write each taken poll's answer to its socket, never waiting; then wake their threads.
 
         This is the broadcast: one thread writes every waiting page's answer, straight from the
         list of pending polls. (Waking each parked thread to build and write its own answer
         would cost each page a turn at the GIL, one after another, before it heard the news.)
         It runs without the room's lock held, so other posts and polls go on meanwhile; an
         answer is made when it is written, so it may also carry a change made since the list was
-        taken (never less than the change that took it).
+        taken (never less than the change that took it). Each woken thread finishes what did not
+        fit, and reads its page's next request.
         """
         # Every poll taken has seen the same version: each parked when it was up to date, and
         # each change takes the whole list. So one shared answer serves them all.
