@@ -202,7 +202,8 @@ class PendingPoll:
         self.connection = connection  # its socket
         self.as_http_answer = as_http_answer
         self.done = False  # the change that took it is done with it: its own thread may go on
-        self.wake_up = None  # the Condition its thread waits on (see Room.wait_for_change)
+        self.wake_up = None  # the Condition its thread waits on, made only if it parks
+        #                      (most polls are answered at once: see Room.wait_for_change)
         self.asleep = False  # its thread is waiting on it
         self.woken_by_relay = False  # ... and the relay has woken it (see Room._wake_next)
         self.written = False  # the change wrote all that the socket would take at once,
@@ -763,7 +764,7 @@ class User:
         # One tuple, replaced whole: another thread (a broadcast) may read it at any moment.
         name, encoded = self._public_json
         if name != self.name:
-            name = self.name
+            name = self.name  # read once (not public()): so that the bytes match what is kept
             encoded = encode_json({"id": self.id, "name": name})
             self._public_json = (name, encoded)
         return encoded
