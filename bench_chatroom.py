@@ -161,7 +161,12 @@ BROWSER_HEADERS = [
 SUSTAINED_POST_INTERVAL = 3.5  # seconds
 
 PRESENCE_INTERVAL = 1.0  # seconds; chatroom.py announces arrivals and departures at most this often
-CONNECT_BATCH = 100  # pages that connect at the same moment while a scenario sets up (not crowd)
+# Pages that connect at the same moment while a scenario sets up (not the crowd, which is about
+# arriving at once), each batch after the last one's first answers: no more than the listen
+# queue socketserver gives a server by default (request_queue_size = 5). A batch that overflows
+# it waits for the kernel's retries, seconds apart, or is reset, and the scenario would measure
+# arriving instead of what it is about.
+CONNECT_BATCH = 5
 # The addresses simulated pages connect from, in turn, when the server is on loopback: people in
 # a real crowd come from many addresses, and from one alone the server's cap per address
 # (--max-clients-per-address) would refuse most of the crowd. On Linux, every 127.x.y.z reaches
@@ -170,12 +175,23 @@ SOURCE_ADDRESSES = [f"127.0.1.{n}" for n in range(1, 201)]
 ROUND_TIMEOUT = 10.0  # seconds a round may take before its missing deliveries count as lost
 OPEN_TIMEOUT = 30.0  # seconds a page may take to connect (and load, in the crowd) before it gives up
 POST_TIMEOUT = 10.0  # seconds a POST may wait for its answer before it counts as unanswered
-FANOUT_TIME_LIMIT = 120.0  # seconds of fan-out rounds; a slow server is measured on fewer rounds
+# A slow server is measured on fewer fan-out rounds rather than for ever: no round starts once
+# this many seconds per round asked for have passed (a round that is slow to reach everyone
+# takes up to ROUND_TIMEOUT, then up to ROUND_SETTLE_TIMEOUT for the pages to ask again).
+FANOUT_SECONDS_PER_ROUND = 12.0
+ROUND_SETTLE_TIMEOUT = 20.0  # seconds
 RUN_TIMEOUT = 300.0  # seconds one scenario may take on one server before it is stopped (a safety bound)
 SAMPLES = "samples"  # the key under which a result keeps every round's figure (not printed)
 SETTLE_TIMEOUT = 60.0  # seconds we wait for the pages to be parked and the server to be quiet
 START_TIMEOUT = 30.0  # seconds the server may take to print its address
 STARTUP_REPEATS = 3  # start-up is timed this many times; the median is shown
+# A page whose connection is lost connects again as index.html does: after 1 s, then twice as
+# long each time up to 15 s, +-30% so that pages do not all come back at once. It gives up
+# after RECONNECT_ATTEMPTS (about half a minute), and then counts as gone.
+RETRY_FIRST = 1.0  # seconds
+RETRY_MAX = 15.0  # seconds
+RETRY_JITTER = 0.3
+RECONNECT_ATTEMPTS = 5
 PAGE_MAX_POLLS = 100_000  # a page stops after this many polls whatever happens (a safety bound)
 CACHE_DIR = Path(tempfile.gettempdir())  # where the big data file is kept between runs
 
@@ -655,9 +671,10 @@ class Page:
         self.version = None  # the last version this page has seen; None before its first answer
         self.seen = []  # ids of the messages it was sent after its snapshot, in arrival order
         self.parked = False  # a poll with `since` has been sent and not yet answered
-        self.alive = True  # False once its connection is lost
+        self.alive = True  # False once its connection is lost for good
 
     async def open(self, server, load_page=False):
+        self.server = server
         self.connection = await open_connection(server)
         self.head = header_block(server, self.sid)
         if load_page:  # what a browser fetches when someone opens the room
@@ -688,7 +705,11 @@ class Page:
             try:
                 response = await self.connection.request("GET", target, self.head)
             except ConnectionError:
-                audience.problems["connection lost"] += 1
+                self.parked = False
+                if await self.reconnect():
+                    audience.problems["connection lost, and the page connected again"] += 1
+                    continue
+                audience.problems["connection lost for good"] += 1
                 self.alive = False
                 return
             finally:
@@ -709,6 +730,21 @@ class Page:
                     self.seen.append(message["id"])
                     audience.arrived(message["id"], response.received, response.size)
             self.version = answer["version"]
+
+
+    async def reconnect(self):
+        """Connect again after waiting, as the real page does; False if it never could."""
+        wait = RETRY_FIRST
+        for _ in range(RECONNECT_ATTEMPTS):
+            await asyncio.sleep(wait * (1 + RETRY_JITTER * random.uniform(-1, 1)))
+            wait = min(wait * 2, RETRY_MAX)
+            try:
+                self.connection = await asyncio.wait_for(open_connection(self.server),
+                                                         OPEN_TIMEOUT)
+                return True
+            except (OSError, asyncio.TimeoutError):
+                pass
+        return False
 
 
 def decode_answer(body):
@@ -747,8 +783,14 @@ class Audience:
     def __len__(self):
         return len(self.pages)
 
-    async def connect(self, batch=CONNECT_BATCH, load_page=False):
-        """Open the pages, `batch` at a time; each starts polling as soon as it is open."""
+    async def connect(self, batch=CONNECT_BATCH, load_page=False, answered=True):
+        """Open the pages, `batch` at a time; each starts polling as soon as it is open.
+
+        With `answered`, a batch must also have had its first answers before the next starts
+        (within OPEN_TIMEOUT). A server that is slow to accept connections then meets the pages
+        a batch at a time, as the scenario means it to, rather than a queue of them that its
+        kernel's listen queue overflows with, and that may be reset before it gets to them.
+        """
         loop = asyncio.get_running_loop()
         for start in range(0, len(self.pages), batch):
             pages = self.pages[start:start + batch]
@@ -756,6 +798,9 @@ class Audience:
             self.tasks += [asyncio.create_task(page.live(self.server, load_page, done))
                            for page, done in zip(pages, opened)]
             await asyncio.gather(*opened)
+            if answered:
+                await wait_until(lambda: all(page.version is not None or not page.alive
+                                             for page in pages), OPEN_TIMEOUT)
 
     def arrived(self, message_id, when, size):
         times = self.arrivals[message_id]
@@ -958,12 +1003,13 @@ async def single_delivery(server, rounds):
                 SAMPLES: {"post_ms": [ms(value) for value in round_trips]}}
 
 
-async def fan_out(server, size, rounds, time_limit=FANOUT_TIME_LIMIT):
+async def fan_out(server, size, rounds):
     """N parked pages; each round a new person posts one message; how fast does it reach all?
 
     A slow server gets fewer rounds rather than an endless run: no round starts once
-    `time_limit` seconds of rounds have passed, and the result says how many were run.
+    FANOUT_SECONDS_PER_ROUND per round have passed, and the result says how many were run.
     """
+    time_limit = FANOUT_SECONDS_PER_ROUND * rounds
     async with parked_audience(server, size) as (audience, poster):
         latencies, reach_all, first, round_trips, posted = [], [], [], [], []
         read_all, own_cpu = [], []  # when we had read every answer, and our CPU in between
@@ -997,7 +1043,8 @@ async def fan_out(server, size, rounds, time_limit=FANOUT_TIME_LIMIT):
                 if len(times) == size:
                     reach_all.append(max(times))
                 round_trips.append(response.received - sent)
-            if not await audience.settle():  # every page has asked again and the server is idle
+            # Every page has asked again and the server is idle.
+            if not await audience.settle(timeout=ROUND_SETTLE_TIMEOUT):
                 unsettled += 1
         cpu = watch.stop() if watch else {}
         deliveries = len(latencies)
@@ -1077,7 +1124,7 @@ async def crowd(server, size):
     watch = CpuWatch(server.meter).start()
     started = time.perf_counter()
     try:
-        await audience.connect(batch=size, load_page=True)  # everyone at once
+        await audience.connect(batch=size, load_page=True, answered=False)  # all at once
         connected = time.perf_counter() - started
         await wait_until(lambda: all(page.version is not None or not page.alive
                                      for page in audience.pages), SETTLE_TIMEOUT)
