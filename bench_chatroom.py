@@ -54,7 +54,7 @@ The benchmark's own CPU time is printed beside the server's, so you can see it h
 
 The pages of a scenario arrive a few at a time (CONNECT_BATCH), each batch once the last has
 had its first answers, so that a scenario about delivery measures delivery, not arriving (the
-crowd is the scenario about arriving). A page whose connection is lost connects again after a
+crowd is the scenario about arriving); how long they took is shown too. A page whose connection is lost connects again after a
 wait, as the real page does, and its next poll brings what it missed; the table counts it.
 
 Beside time, fan-out reports the server's context switches per delivery (from /proc): with a
@@ -87,8 +87,10 @@ round (the time to reach everyone, the POST's round trip), over the runs otherwi
 
 A slow server is a result, not an error. Deliveries that never came, or came later than
 ROUND_TIMEOUT, and rounds not everyone had in time are counted in its column; fan-out stops
-starting rounds after FANOUT_SECONDS_PER_ROUND a round; a run that outlives --run-timeout, or a
-server that does not start, is noted under the table, and the other columns go on.
+starting rounds after FANOUT_SECONDS_PER_ROUND a round. A run fails, with a note under the
+table, if the server does not start, cannot take the pages in within SETUP_TIMEOUT (the note
+says how many it had), or outlives --run-timeout; after such a failure that server is not run
+again at that size, which would cost minutes to say the same. The other columns go on.
 """
 
 import argparse
