@@ -54,8 +54,9 @@ The benchmark's own CPU time is printed beside the server's, so you can see it h
 
 The pages of a scenario arrive a few at a time (CONNECT_BATCH), each batch once the last has
 had its first answers, so that a scenario about delivery measures delivery, not arriving (the
-crowd is the scenario about arriving); how long they took is shown too. A page whose connection is lost connects again after a
-wait, as the real page does, and its next poll brings what it missed; the table counts it.
+crowd is the scenario about arriving); how long they took is shown too. A page whose
+connection is lost connects again after a wait, as the real page does, and its next poll
+brings what it missed; the table counts it.
 
 Beside time, fan-out reports the server's context switches per delivery (from /proc): with a
 thread per connection and one GIL, switching threads is where much of the time goes.
@@ -89,8 +90,9 @@ A slow server is a result, not an error. Deliveries that never came, or came lat
 ROUND_TIMEOUT, and rounds not everyone had in time are counted in its column; fan-out stops
 starting rounds after FANOUT_SECONDS_PER_ROUND a round. A run fails, with a note under the
 table, if the server does not start, cannot take the pages in within SETUP_TIMEOUT (the note
-says how many it had), or outlives --run-timeout; after such a failure that server is not run
-again at that size, which would cost minutes to say the same. The other columns go on.
+says how many it had; --setup-timeout gives it longer), or outlives --run-timeout. After such
+a failure that server is not run again at that size, which would cost minutes to say the same.
+The other columns go on.
 """
 
 import argparse
@@ -181,8 +183,9 @@ CONNECT_BATCH = 5
 SOURCE_ADDRESSES = [f"127.0.1.{n}" for n in range(1, 201)]
 ROUND_TIMEOUT = 10.0  # seconds a round may take before its missing deliveries count as lost
 # Seconds the pages of a scenario may take to arrive (CONNECT_BATCH at a time) and be parked
-# with the server quiet. The full server needs a few seconds for 2000; a server that needs more
-# than this is reported as failing to take the pages in, with how far it got.
+# with the server quiet (--setup-timeout). The full server needs a few seconds for 2000; a
+# server that needs more than this is reported as failing to take the pages in, with how far
+# it got.
 SETUP_TIMEOUT = 60.0
 OPEN_TIMEOUT = 30.0  # seconds a page may take to connect (and load, in the crowd) before giving up
 POST_TIMEOUT = 10.0  # seconds a POST may wait for its answer before it counts as unanswered
@@ -314,6 +317,8 @@ def memory_fields(meter):
 class LocalServer:
     """A chatroom.py that we start on a free port, with a data file of our choosing."""
 
+    setup_timeout = SETUP_TIMEOUT  # seconds its pages may take to be in and parked (see there)
+
     def __init__(self, script, data_path, *options):
         self.script = Path(script)
         self.data_path = Path(data_path)
@@ -388,6 +393,8 @@ class LocalServer:
 
 class RunningServer:
     """A server someone else started (--url). We cannot restart it or choose its data."""
+
+    setup_timeout = SETUP_TIMEOUT
 
     def __init__(self, url, pid):
         parts = urlsplit(url)
@@ -817,11 +824,13 @@ class Audience:
                 await wait_until(lambda: all(page.version is not None or not page.alive
                                              for page in pages), OPEN_TIMEOUT)
 
-    async def arrive(self, timeout=SETUP_TIMEOUT):
+    async def arrive(self):
         """Connect the pages and wait until they are parked and the server is quiet.
 
-        Notes how long that took in `setup_s`; raises SetupFailed if it takes over `timeout`.
+        Notes how long that took in `setup_s`; raises SetupFailed if it takes longer than the
+        server's setup_timeout.
         """
+        timeout = self.server.setup_timeout
         started = time.perf_counter()
         try:
             await asyncio.wait_for(self.connect(), timeout)
@@ -1351,6 +1360,7 @@ def scenario_jobs(args, scratch):
             if data:
                 shutil.copyfile(data, room.data_path)  # a run may add to it: each gets a copy
         try:
+            room.setup_timeout = args.setup_timeout
             with room:
                 result = asyncio.run(within(make_coroutine(room), args.run_timeout))
         except Exception as error:  # a failed run is a result too
@@ -1572,7 +1582,11 @@ def number(value):
     if isinstance(value, int):
         return str(value)
     size = abs(value)
-    return f"{value:.0f}" if size >= 100 else f"{value:.1f}" if size >= 10 else f"{value:.2f}"
+    if size >= 100:
+        return f"{value:.0f}"
+    if size >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}" if size >= 0.1 else f"{value:.2g}"  # (0.0009, not 0.00)
 
 
 def summarise(metric, runs):
@@ -1674,6 +1688,9 @@ def parse_arguments(argv):
     parser.add_argument("--run-timeout", type=float, default=RUN_TIMEOUT, metavar="SECONDS",
                         help="a scenario that takes longer on one server is stopped and counted "
                              "as failed (default %(default)g)")
+    parser.add_argument("--setup-timeout", type=float, default=SETUP_TIMEOUT, metavar="SECONDS",
+                        help="the pages of a scenario must be in and parked within this, or the "
+                             "run fails (default %(default)g)")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS),
                         help="comma-separated, from: %(default)s")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
@@ -1708,8 +1725,8 @@ def parse_arguments(argv):
     names = [name for name, _ in args.against]
     if len(set(names)) < len(names) or {"full", "plain"} & set(names):
         parser.error("each --against needs a name of its own, other than full and plain")
-    if args.runs < 1 or args.run_timeout <= 0:
-        parser.error("--runs and --run-timeout must be positive")
+    if args.runs < 1 or args.run_timeout <= 0 or args.setup_timeout <= 0:
+        parser.error("--runs, --run-timeout and --setup-timeout must be positive")
     return args
 
 
