@@ -59,6 +59,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import gzip
 import hashlib
 import http.client
 import itertools
@@ -555,6 +556,8 @@ class HttpConnection:
             if len(self._buffer) < total:
                 return
             body = bytes(self._buffer[head_size:total])
+            if headers.get("content-encoding") == "gzip":  # (`total` stays the bytes on the wire)
+                body = gzip.decompress(body)
             del self._buffer[:total]
             self._head = None
             waiter, self._waiter = self._waiter, None

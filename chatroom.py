@@ -70,6 +70,7 @@ import io
 import ipaddress
 import json
 import math
+import os
 import re
 import secrets
 import select
@@ -82,6 +83,7 @@ import sys
 import threading
 import time
 import traceback
+import unicodedata
 from pathlib import Path
 from urllib.parse import parse_qs
 
@@ -120,11 +122,17 @@ PRESENCE_INTERVAL = 1.0  # seconds between two looks at who is online: each chan
 SNAPSHOT_SIZE = 100  # messages a page gets when it first loads: a few screens' worth; older
 #                     ones come a page at a time if the reader scrolls back
 MAX_BATCH = 500  # messages in one response to a page that fell far behind; it asks again for the
-#                  rest (so that no response grows past a few hundred KB, however long it was away)
+#                  rest (fewer if they are long: see MAX_ANSWER_BYTES)
 HISTORY_PAGE = 100  # older messages a reader gets each time they scroll back, unless they ask for
 #                     another number (GET /api/messages?before=ID&limit=N)
 MAX_HISTORY_PAGE = 500  # the most one such response may hold, as for a poll's batch. A larger
 #                         limit is refused, not cut down: "fewer than asked for" must mean "no more"
+#                         (unless the response says "more": see MAX_ANSWER_BYTES)
+MAX_ANSWER_BYTES = 64 * 1024  # bytes of messages in one response (a snapshot, a batch, a history
+#                               page), so that an 80-byte request cannot draw megabytes: 500 of
+#                               the longest messages (2,000 characters of 4 bytes each in UTF-8)
+#                               were 4 MB. A hundred chat messages fit several times over, the
+#                               longest eight at a time; the page asks again for those left out
 MAX_TEXT_LENGTH = 2000  # characters in one message: a long message, not a document
 MAX_NAME_LENGTH = 40  # characters in a name: it must fit the online list and a message's line
 MAX_BODY_BYTES = 16 * 1024  # a JSON body larger than this is refused unread (the longest message
@@ -246,8 +254,9 @@ class Room:
         """What a page that has seen version `since` is owed, as JSON bytes.
 
         {"version": V, "messages": [...], "online": [...], "you": {...}}: the messages after
-        `since` (at most MAX_BATCH: the page asks again for the rest), or, for a page with no
-        version of ours, a snapshot of the latest ones; the online list if it changed after
+        `since` (at most MAX_BATCH, and MAX_ANSWER_BYTES of them: then V is the last one's id,
+        and the page asks again for the rest), or, for a page with no version of ours, a
+        snapshot of the latest ones (as many as fit); the online list if it changed after
         `since`; and who the reader is.
         """
         with self._lock:  # the version and the online list, as one state
@@ -255,10 +264,14 @@ class Room:
             snapshot = since is None or since > version
             online = self.online if snapshot or self.online_version > since else None
         if snapshot:
-            messages = self.storage.latest_messages(version, SNAPSHOT_SIZE)
+            stored = self.storage.latest_messages(version, SNAPSHOT_SIZE)
+            messages = that_fit(reversed(stored), size=json_size)[::-1]  # (the newest)
         else:
-            messages = self.storage.messages_after(since, version, MAX_BATCH)
-            if len(messages) == MAX_BATCH:  # the page continues from here with its next poll
+            stored = self.storage.messages_after(since, version, MAX_BATCH)
+            messages = that_fit(stored, size=json_size)
+            # Cut short (by MAX_BATCH or MAX_ANSWER_BYTES): the page continues from here with
+            # its next poll.
+            if len(messages) < len(stored) or len(stored) == MAX_BATCH:
                 version = messages[-1]["id"]
         answer = {"version": version, "messages": messages}
         if online is not None:
@@ -328,6 +341,38 @@ class Room:
                 log(f"version {version}: waking {self.waiting} waiting "
                     f"poll{'s' if self.waiting > 1 else ''}")
             self.changed.notify_all()
+
+
+# --- Answers many times larger than their request ---
+# Threat: an 80-byte request (a history page of 500, or a poll since=0) was answered with 500
+# messages of 2,000 characters, 4 MB: a few clients asking again and again take the whole uplink.
+# Defence: no response holds more than MAX_ANSWER_BYTES of messages. A batch stops early, and its
+# version says where (the page goes on from there); a snapshot keeps the newest; a history page
+# keeps the newest too, and says "more": true, so that a client never takes "fewer than asked
+# for" for "that is all". (In Part I, not Part III: it is what the room answers, so --plain
+# must answer the same.)
+# Proved by: test_a_history_answer_keeps_to_its_byte_budget,
+# test_a_batch_and_a_snapshot_keep_to_the_byte_budget
+
+def that_fit(messages, size=len):
+    """The first of `messages` that fit in MAX_ANSWER_BYTES together, one at least.
+
+    `size(message)` is a message's size in the response, in bytes; len, for messages already
+    encoded. `messages` is read no further than what fits: given an iterator that encodes as it
+    goes, a request for 500 long messages costs little more than the response is large. A
+    caller that keeps the newest passes them newest first.
+    """
+    taken, total = [], 0
+    for message in messages:
+        total += size(message) + 1  # (and a comma)
+        if total > MAX_ANSWER_BYTES and taken:
+            break
+        taken.append(message)
+    return taken
+
+
+def json_size(message):
+    return len(encode_json(message))
 
 
 # ==================================================================================================
@@ -494,6 +539,23 @@ class StorageError(Exception):
     """The data file could not be read or written. Nothing was acknowledged."""
 
 
+# --- The data file deleted, replaced, read-only or damaged ---
+# Threat: the data file is deleted or replaced while the room runs (a clean-up, a restore from a
+# backup): SQLite goes on writing into the old file, which no one will ever open again, and every
+# post still gets its 201 while it is lost. At start-up, a read-only file opens without a word
+# (every post then fails), a read-only folder looks like a foreign file, and a damaged one ends
+# in a traceback.
+# Defence: each write, before it is acknowledged, checks that the path still leads to the file we
+# opened (Storage._check_still_ours: one stat() after the commit); if not, it and every later
+# write are refused with 503, and one line is logged. At start-up, a test write, and SQLite's
+# quick_check; the reason (read-only file, read-only folder, damaged) in one line.
+# Proved by: test_a_deleted_or_replaced_data_file_refuses_posts_and_renames,
+# test_a_read_only_data_file_or_folder_is_a_clear_error, test_a_damaged_data_file_is_a_clear_error
+
+class DataFileGone(StorageError):
+    """The data file was deleted or replaced while the room ran: what we write now is lost."""
+
+
 SCHEMA = f"""
 BEGIN;
 CREATE TABLE room (version INTEGER NOT NULL);
@@ -533,13 +595,26 @@ class Storage:
         self._writer = self._connect()
         try:
             self._check_or_create_schema()
+            self._check_undamaged()  # (before the next line, which writes to the file)
             self._writer.execute("PRAGMA journal_mode = WAL")
             self._writer.execute("PRAGMA synchronous = FULL")
-            self._writer.execute("BEGIN IMMEDIATE")  # fails now, not at the first post, if read-only
+            # A write that changes nothing, so that a file we may not write fails now, with its
+            # reason, and not at every post: SQLite opens a read-only file without a word.
+            self._writer.execute("BEGIN IMMEDIATE")
+            self._writer.execute("UPDATE room SET version = version")
             self._writer.execute("COMMIT")
-        except sqlite3.Error as error:
+            found = os.stat(self.path)  # which file we opened, for _check_still_ours
+        except sqlite3.OperationalError as error:  # (it could not be opened, read or written)
+            self._writer.close()
+            raise StorageError(self._why_not_writable() or error) from error
+        except (sqlite3.Error, OSError) as error:
             self._writer.close()
             raise StorageError(error) from error
+        except StorageError:
+            self._writer.close()
+            raise
+        self._file = (found.st_dev, found.st_ino)
+        self._gone = False  # set for good once the path no longer leads to that file
         self._reader = self._connect()
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
@@ -549,7 +624,19 @@ class Storage:
             return sqlite3.connect(self.path, timeout=STORAGE_BUSY_TIMEOUT,
                                    isolation_level=None, check_same_thread=False)
         except sqlite3.Error as error:
-            raise StorageError(error) from error
+            raise StorageError(self._why_not_writable() or error) from error
+
+    def _why_not_writable(self):
+        """Why this user cannot write the data file, if it is the file or its folder; else None."""
+        folder = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(folder):
+            return f"its folder {folder} does not exist"
+        if os.path.exists(self.path) and not os.access(self.path, os.W_OK):
+            return "the file is read-only (this user may not write to it)"
+        if not os.access(folder, os.W_OK | os.X_OK):
+            return (f"its folder {folder} is read-only (this user may not create files in it, "
+                    f"and SQLite keeps its journal beside the data file, in a -wal file)")
+        return None
 
     def _check_or_create_schema(self):
         """Create the tables in a new file; refuse a file that some other program made."""
@@ -557,13 +644,30 @@ class Storage:
             tables = {row[0] for row in self._writer.execute(
                 "SELECT name FROM sqlite_master WHERE type = 'table'")}
             version = self._writer.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.OperationalError:
+            raise  # it could not be read at all (a read-only folder, say): not a verdict on it
         except sqlite3.DatabaseError as error:
-            raise StorageError(f"it is not an SQLite database ({error})") from error
+            raise StorageError(f"it is not an SQLite database, or it is damaged "
+                               f"({error})") from error
         if not tables and version == 0:
             self._writer.executescript(SCHEMA)
         elif version != SCHEMA_VERSION or not {"room", "users", "messages"} <= tables:
             raise StorageError("it is an SQLite database, but not one this chat room made "
                                f"(schema version {version}, tables {sorted(tables)})")
+
+    def _check_undamaged(self):
+        """Refuse a damaged file now, in one line, rather than fail on the page that is damaged.
+
+        SQLite's quick_check reads the whole file: once, at start-up.
+        """
+        try:
+            verdict = self._writer.execute("PRAGMA quick_check(1)").fetchone()[0]
+        except sqlite3.DatabaseError as error:
+            verdict = str(error)
+        if verdict != "ok":
+            verdict = " ".join(verdict.split())[:200]  # one line
+            raise StorageError(f"it is damaged (SQLite's quick_check says: {verdict}); "
+                               f"restore it from a backup, or move it away to start an empty room")
 
     def close(self):
         """Close the file, once no thread is using it (see the class's docstring)."""
@@ -591,10 +695,15 @@ class Storage:
         self._write([("UPDATE room SET version = ?", (version,))])
 
     def _write(self, statements):
-        """Run statements in one transaction and commit; on any failure, roll back and raise."""
+        """Run statements in one transaction and commit; on any failure, roll back and raise.
+
+        Raises DataFileGone, even once committed, if the path no longer leads to our file.
+        """
         with self._write_lock:
             if self.closed:
                 raise StorageError("the data file is closed: the server is stopping")
+            if self._gone:
+                raise DataFileGone(f"the data file {self.path} was deleted or replaced")
             try:
                 self._writer.execute("BEGIN IMMEDIATE")
                 for sql, parameters in statements:
@@ -607,6 +716,25 @@ class Storage:
                     except sqlite3.Error:
                         pass  # the connection rolls back by itself when it can
                 raise StorageError(error) from error
+            self._check_still_ours()
+
+    def _check_still_ours(self):
+        """Raise DataFileGone if the path leads to another file than ours, or to none.
+
+        Deleting or replacing the file does not stop SQLite: it writes on into the file it
+        opened, which no one will ever open again. So, before a write is acknowledged, one
+        stat() of the path: cheap next to the commit's flush to disk.
+        """
+        try:
+            found = os.stat(self.path)
+            ours = (found.st_dev, found.st_ino) == self._file
+        except OSError:
+            ours = False
+        if not ours:
+            self._gone = True
+            log(f"the data file {self.path} was deleted or replaced while the server ran: "
+                f"posts and renames are refused until the server is restarted")
+            raise DataFileGone(f"the data file {self.path} was deleted or replaced")
 
     # --- Reading ----------------------------------------------------------------------------------
 
@@ -736,6 +864,11 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
                 getattr(self, action)(query)
             except RequestError as refusal:
                 self.refuse(refusal.status, refusal.body, refusal.headers)
+            except DataFileGone:  # (logged once, by Storage; no Retry-After: retrying is no use)
+                self.refuse(503, {"error": "Nothing can be saved any more: the room's data file "
+                                           "was deleted or replaced while the server was "
+                                           "running, so this was not saved. Whoever runs the "
+                                           "server must restart it."})
             except StorageError as error:
                 self.log_message("storage failed: %s", error)
                 self.refuse(503, {"error": "The server could not save or read the room's data. "
@@ -795,8 +928,9 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         """GET /api/messages?before=ID&limit=N: older messages, for a reader scrolling back.
 
         At most `limit` messages whose id is below `before` (the latest ones, without it),
-        oldest first; fewer than `limit` means there are no more. A plain read from the file:
-        it needs no cookie, never waits, and counts no one as online.
+        oldest first; fewer than `limit` means there are no more, unless the response says
+        "more": true (the newest of them filled MAX_ANSWER_BYTES: ask again, before the first).
+        A plain read from the file: it needs no cookie, never waits, and counts no one as online.
         """
         # Blank values kept, so that "before=" is refused rather than taken for "no before".
         params = parse_qs(query, keep_blank_values=True)
@@ -808,15 +942,18 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         # No message is newer than the room, and a huge `before` would not fit SQLite's integers.
         newest = self.server.room.version
         upto = newest if before is None else min(before - 1, newest)
-        self.send_json(200, {"messages": self.server.room.storage.latest_messages(upto, limit)})
+        stored = self.server.room.storage.latest_messages(upto, limit)
+        messages = that_fit(reversed(stored), size=json_size)[::-1]  # (the newest)
+        history = {"messages": messages}
+        if len(messages) < len(stored):  # older ones left out: this is not the beginning
+            history["more"] = True
+        self.send_json(200, history)
 
     def post_message(self, query):
         """POST /api/messages {"text": ...}: check, rate-limit, save and announce a message."""
         user = self.required_user()
         text = self.read_json_field("text")
         check_text(text, "message", MAX_TEXT_LENGTH)
-        if not text.strip():
-            raise RequestError(400, "The message is empty.")
         hit = self.server.limiter.limit_hit(user.id)
         if hit:
             wait, (count, seconds) = hit
@@ -827,6 +964,9 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
                 retry_after=round(wait, 3), limit={"count": count, "seconds": seconds})
         try:
             message = self.server.room.add_message(user, text)
+        except DataFileGone:
+            self.server.limiter.refund(user.id)
+            raise  # dispatch() says why
         except StorageError as error:
             self.server.limiter.refund(user.id)
             self.log_message("could not save a message: %s", error)
@@ -840,8 +980,6 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         user = self.required_user()
         name = self.read_json_field("name").strip()  # (the length is counted once trimmed)
         check_text(name, "name", MAX_NAME_LENGTH)
-        if not name:
-            raise RequestError(400, "The name is empty.")
         if any(character in name for character in "\n\t"):
             raise RequestError(400, "A name must be on one line, without tabs.")
         self.server.room.rename(user, name)
@@ -956,7 +1094,39 @@ DIGITS = re.compile(r"[0-9]+")
 DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 
 
+# --- Text that hides or disguises itself ---
+# Threat: a name with a right-to-left override shows "nimdA" as "Admin", and turns the time shown
+# after it around; a name or a message made only of invisible characters looks like no one, or
+# like an empty line, and cannot be told apart from another such.
+# Defence: check_text refuses (400) the bidirectional controls that reorder the text after them
+# (BIDI_CONTROLS), and a text with no visible character (is_invisible).
+# Proved by: test_text_that_disguises_itself_is_refused, test_text_in_any_script_is_accepted
+
+# The embeddings and overrides (U+202A to U+202E) and the isolates (U+2066 to U+2069): each one
+# changes the direction of the text that follows it, up to its end mark or, without one, the end
+# of the line, so in a name they reorder whatever the page shows next to it. Right-to-left
+# scripts need none of them: their direction comes with their letters.
+BIDI_CONTROLS = re.compile("[\u202a-\u202e\u2066-\u2069]")
+# Characters that fonts draw as empty space although Unicode counts them as letters, symbols or
+# marks: the Hangul fillers, the blank braille pattern, the Khmer inherent vowels, the combining
+# grapheme joiner and the variation selectors.
+BLANK_LOOKING = frozenset("\u115f\u1160\u3164\uffa0\u2800\u17b4\u17b5\u034f"
+                          "\u180b\u180c\u180d\u180f"
+                          + "".join(map(chr, range(0xfe00, 0xfe10)))
+                          + "".join(map(chr, range(0xe0100, 0xe01f0))))
+
+
+def is_invisible(character):
+    """True for a character that shows nothing by itself: white space, a format character
+    (Unicode category Cf: zero-width spaces and joiners, the word joiner, the byte order mark,
+    the soft hyphen...), or one of BLANK_LOOKING."""
+    return (character.isspace() or unicodedata.category(character) == "Cf"
+            or character in BLANK_LOOKING)
+
+
 def check_text(value, what, max_length):
+    """Refuse (400) a name or a message that is too long, carries control characters, is not
+    valid Unicode, could reorder the text around it, or shows nothing at all."""
     if len(value) > max_length:
         raise RequestError(400, f"The {what} is longer than {max_length} characters.")
     if CONTROL_CHARACTERS.search(value):
@@ -965,6 +1135,12 @@ def check_text(value, what, max_length):
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise RequestError(400, f"The {what} is not valid Unicode.") from None
+    if BIDI_CONTROLS.search(value):
+        raise RequestError(400, f"The {what} contains a character that changes the direction "
+                                f"of the text after it (U+202A to U+202E, U+2066 to U+2069).")
+    if all(map(is_invisible, value)):  # (stops at the first visible character)
+        raise RequestError(400, f"The {what} is empty, or made only of spaces and invisible "
+                                f"characters.")
 
 
 def parse_number(params, name, integer=False):
@@ -1056,6 +1232,7 @@ def keep_presence_fresh(room, stop, in_progress):
     Each look counts as a request in progress (`in_progress`), so that stopping the server
     waits for an online list being published, as for any response.
     """
+    failure = None  # the last failure to save, logged once however long it lasts
     while True:
         room.presence.wait_until_time_to_look(idle=PRESENCE_INTERVAL)
         try:
@@ -1064,8 +1241,11 @@ def keep_presence_fresh(room, stop, in_progress):
                     return
                 if not room.refresh_presence():
                     continue
+            failure = None
         except StorageError as error:
-            log(f"could not save a presence change, will retry: {error}")
+            if str(error) != failure:
+                log(f"could not save a presence change, will retry: {error}")
+            failure = str(error)
         # Changes (and retries) at least PRESENCE_INTERVAL apart, as each wakes every parked
         # poll; stop.wait(), so that stopping the server is not held up.
         stop.wait(PRESENCE_INTERVAL)
@@ -1107,6 +1287,10 @@ def raise_open_file_limit():
 
 PAGE_GZIP_LEVEL = 9  # the page is compressed once, at start-up, so the smallest (slowest) level
 #                      costs nothing per request
+JSON_GZIP_MIN_BYTES = 1024  # JSON responses smaller than this are sent as they are: compressing
+#                             them saves less than a packet
+JSON_GZIP_LEVEL = 1  # each larger one is compressed as it is sent, so the fastest level: on chat
+#                      text it gets most of what the slowest would, at a fraction of the cost
 RECENT_MESSAGES = 500  # the latest messages kept in memory, encoded: a page less far behind than
 #                        this is answered without reading the disk (between 500 and 1000 are kept)
 ARRIVALS_PAUSE = 0.2  # seconds without a newcomer after which the newcomers are announced: people
@@ -1388,22 +1572,24 @@ class BroadcastRoomMixin:
             snapshot = since is None or since > version
             online = self.online_json if snapshot or self.online_version > since else None
             # (_recent_from == 0: the room was empty when we started, so every message is kept)
+            # (As many as fit in MAX_ANSWER_BYTES, and a batch cut short as in Part I's answer.)
             if snapshot and (len(self._recent_json) >= SNAPSHOT_SIZE or self._recent_from == 0):
-                messages = self._recent_json[-SNAPSHOT_SIZE:]
+                messages = that_fit(reversed(self._recent_json[-SNAPSHOT_SIZE:]))[::-1]
             elif not snapshot and since >= self._recent_from:
                 first = bisect.bisect_right(self._recent_ids, since)
-                messages = self._recent_json[first:first + MAX_BATCH]
-                if len(messages) == MAX_BATCH:  # the page continues from here with its next poll
-                    version = self._recent_ids[first + MAX_BATCH - 1]
+                messages = that_fit(self._recent_json[first:first + MAX_BATCH])
+                if first + len(messages) < len(self._recent_ids) or len(messages) == MAX_BATCH:
+                    version = self._recent_ids[first + len(messages) - 1]
             else:
                 messages = None
         if messages is None and snapshot:
-            messages = map(encode_json, self.storage.latest_messages(version, SNAPSHOT_SIZE))
+            stored = self.storage.latest_messages(version, SNAPSHOT_SIZE)
+            messages = that_fit(map(encode_json, reversed(stored)))[::-1]
         elif messages is None:
             stored = self.storage.messages_after(since, version, MAX_BATCH)
-            if len(stored) == MAX_BATCH:
-                version = stored[-1]["id"]
-            messages = map(encode_json, stored)
+            messages = that_fit(map(encode_json, stored))
+            if len(messages) < len(stored) or len(stored) == MAX_BATCH:
+                version = stored[len(messages) - 1]["id"]
         answer = b'{"version":%d,"messages":[%s]' % (version, b",".join(messages))
         if online is not None:
             answer += b',"online":' + online
@@ -1526,6 +1712,7 @@ class FastHandlerMixin:
     # Measured by: bench_chatroom.py fanout (the POST round trip with 1000 waiting).
 
     def send(self, status, body, content_type, headers=()):
+        body, headers = self.compressed(body, content_type, headers)
         lines = self.response_headers(status, body, content_type, headers)
         response = http_response(status, lines, body if self.command != "HEAD" else b"")
         self.new_sid = None  # given
@@ -1543,6 +1730,28 @@ class FastHandlerMixin:
 
     def write_whole(self, data):
         self.wfile.write(data)  # (Part III gives this a deadline)
+
+    # --- Responses with many messages, compressed -------------------------------------------------
+    # Cost: a page's first response (a snapshot of 100 messages), a batch after it fell behind,
+    # and each history page it reads back are the largest responses: tens of KB of chat text,
+    # which gzip makes four to five times smaller.
+    # Change: a JSON response of JSON_GZIP_MIN_BYTES or more is gzip-compressed for a client
+    # whose Accept-Encoding allows it (accepts_gzip, below). Not the broadcast's responses to
+    # parked polls: they carry only what is new, and the room writes them (poll_response)
+    # without passing here, as fast as before.
+    # Measured by: bench_chatroom.py bytes (snapshot_bytes);
+    # test_responses_with_many_messages_are_gzipped_for_clients_that_accept_it.
+
+    def compressed(self, body, content_type, headers):
+        """`body` and `headers`, gzip-compressed if the response is large JSON and the client
+        accepts it."""
+        if content_type != "application/json" or len(body) < JSON_GZIP_MIN_BYTES:
+            return body, headers
+        headers = [*headers, ("Vary", "Accept-Encoding")]  # (for a cache: see get_page)
+        if accepts_gzip(self.headers.get("accept-encoding", "")):
+            body = gzip.compress(body, compresslevel=JSON_GZIP_LEVEL, mtime=0)
+            headers.append(("Content-Encoding", "gzip"))
+        return body, headers
 
     # --- The page, compressed, and not sent again to a browser that has it ------------------------
     # Cost: the page is about 40 KB; every visit, and every reload, sends all of it.
@@ -1946,23 +2155,43 @@ class DefendedHandlerMixin:
         return True
 
     # --- DNS rebinding: another site's page talking to us as if it were us ------------------------
-    # Threat: a hostile web page points its own domain name at 127.0.0.1, and its script then
-    # talks to the room on this machine as a page of the same site.
-    # Defence: listening on loopback, a request for any other host name gets 421 (its requests
-    # still carry the hostile name in Host).
-    # Proved by: test_a_foreign_host_name_is_refused
+    # Threat: a hostile web page points its own domain name at this machine (at 127.0.0.1, or at
+    # our address on the network with --host 0.0.0.0), and its script then talks to the room as
+    # a page of the same site: it reads the history and posts. Its requests still carry the
+    # hostile name in Host, as the browser knows it.
+    # Defence: a request is served only if its Host names us: a name given with --allowed-host,
+    # the IP address its connection arrived at (any port), or, if it came over loopback,
+    # localhost or a loopback address. Any other name gets 421 (RFC 9110 section 15.5.20), with
+    # the flag that would allow it. An IP address needs no flag: rebinding needs a name.
+    # Proved by: test_a_foreign_host_name_is_refused,
+    # test_on_the_network_only_the_rooms_own_host_names_are_served
 
     def host_is_served(self):
         """Refuse (421) a Host we do not answer for. False if refused."""
-        allowed = self.server.allowed_hosts
         host = self.headers.get("host")
-        if allowed is None or host is None:
+        if host is None:  # (HTTP/1.0 without Host: no name, so nothing to rebind)
             return True
-        name = host.rsplit("]", 1)[0] + "]" if host.startswith("[") else host.rsplit(":", 1)[0]
-        if name.lower() not in allowed:
-            self.send_error(421, f"This server does not answer for the host {host[:100]!r}.")
-            return False
-        return True
+        name = host_name(host)
+        if name in self.server.allowed_hosts or self.arrived_at(name):
+            return True
+        self.send_error(421, f"This server does not answer for the host {host[:100]!r}. If that "
+                             f"name leads to it, start the server with --allowed-host "
+                             f"{name[:100]}")
+        return False
+
+    def arrived_at(self, name):
+        """True if `name` is the IP address this connection arrived at, or, for a connection
+        that came over loopback, localhost or any loopback address."""
+        if self.local_address is None:  # asked once per connection, and only if needed
+            self.local_address = local_address(self.connection)
+        if name == "localhost":
+            return self.local_address.is_loopback
+        try:
+            address = ipaddress.ip_address(name.strip("[]"))
+        except ValueError:
+            return False  # a name, not an address
+        return address == self.local_address or (address.is_loopback
+                                                 and self.local_address.is_loopback)
 
     # --- Other web sites posting in the visitor's name (CSRF) -------------------------------------
     # Threat: a page on another site makes its visitor's browser post to the room, cookie and all.
@@ -2007,6 +2236,7 @@ class DefendedHandlerMixin:
 
     def setup(self):
         super().setup()
+        self.local_address = None  # the IP address the connection arrived at, once needed
         set_time_outs(self.connection, self.server.request_timeout)
         limit_unsent(self.connection)
         self.rfile.close()  # read through RequestReader instead, for its deadline
@@ -2039,12 +2269,34 @@ def is_host(value):
     return True
 
 
-def allowed_hosts(host):
-    """Host names a request may name when we listen on loopback; None (any) otherwise."""
-    loopback = {"127.0.0.1", "localhost", "::1", "[::1]"}
-    if host.lower() in loopback or host.startswith("127."):
-        return loopback | {host.lower()}
-    return None
+def host_name(host):
+    """The name in a Host, lower-case, without its port or a final dot: "[::1]", "chat.example"."""
+    name = host.rsplit("]", 1)[0] + "]" if host.startswith("[") else host.rsplit(":", 1)[0]
+    return name.lower().removesuffix(".")
+
+
+def allowed_hosts(listening_on, names):
+    """The names served without a look at the connection (see host_is_served): those of
+    --allowed-host, the address we listen on if it is one address, and, listening on loopback,
+    localhost and the loopback address (as every connection then arrives over it)."""
+    allowed = {host_name(name) for name in names}
+    if listening_on in ("", "0.0.0.0", "::"):  # every address of the machine
+        return frozenset(allowed)
+    try:
+        loopback = ipaddress.ip_address(listening_on).is_loopback
+        allowed.add(f"[{listening_on}]" if ":" in listening_on else listening_on)
+    except ValueError:  # a name (--host localhost)
+        loopback = listening_on.lower() == "localhost"
+        allowed.add(host_name(listening_on))
+    if loopback:
+        allowed |= {"localhost", "127.0.0.1", "[::1]"}
+    return frozenset(allowed)
+
+
+def local_address(connection):
+    """The IP address a connection arrived at; an IPv4 one as such, even on an IPv6 socket."""
+    address = ipaddress.ip_address(connection.getsockname()[0].partition("%")[0])
+    return getattr(address, "ipv4_mapped", None) or address
 
 
 class RequestReader(io.RawIOBase):
@@ -2325,7 +2577,7 @@ class DefendedServerMixin:
     def __init__(self, address, handler, room, sessions, limiter, page, chime, settings):
         super().__init__(address, handler, room, sessions, limiter, page, chime, settings)
         self.common_headers = security_headers(page)
-        self.allowed_hosts = allowed_hosts(address[0])
+        self.allowed_hosts = allowed_hosts(address[0], settings.allowed_host)
         self.request_timeout = settings.request_timeout
         self.max_clients = settings.max_clients
         self.max_clients_per_address = settings.max_clients_per_address
@@ -2508,7 +2760,14 @@ def parse_arguments(argv):
     parser.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT,
                         metavar="SECONDS", help="how long a client may take to send a request, "
                                                 "or stay idle between two (default %(default)s)")
+    parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                        help="a name this server is reached by, besides its IP addresses (and "
+                             "localhost, on this machine): with --host 0.0.0.0, a request that "
+                             "names any other host is refused. Repeat it for more names")
     args = parser.parse_args(argv)
+    for name in args.allowed_host:
+        if not is_host(name) or host_name(name) != name.lower().removesuffix("."):
+            parser.error(f"--allowed-host {name!r}: give a host name or an address, no port")
     if not 0 <= args.poll_timeout <= MAX_POLL_TIMEOUT:
         parser.error(f"--poll-timeout must be between 0 and {MAX_POLL_TIMEOUT}")
     if (args.online_window <= 0 or args.max_clients < 1 or args.max_clients_per_address < 1
@@ -2558,6 +2817,9 @@ def main(argv=None):
     except OSError as error:
         storage.close()
         sys.exit(f"chatroom: cannot listen on {args.host}:{args.port} ({error.strerror})")
+    except StorageError as error:  # (the room reads its version from the file)
+        storage.close()
+        sys.exit(f"chatroom: cannot use the data file {args.data!r}: {error}")
 
     stop = threading.Event()
     threading.Thread(target=keep_presence_fresh,

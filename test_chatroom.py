@@ -83,7 +83,8 @@ class Server:
             stdout=self.log, stderr=subprocess.STDOUT, cwd=self.folder)
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
-            found = re.search(r"running at http://127\.0\.0\.1:(\d+)/", self.log_path.read_text())
+            # (any address it listens on: tests speak to it on 127.0.0.1 all the same)
+            found = re.search(r"running at http://\S+:(\d+)/", self.log_path.read_text())
             if found:
                 self.port = int(found.group(1))
                 return
@@ -861,6 +862,55 @@ def test_bad_names_are_refused(server, name, why):
     assert client.poll(timeout=0)["you"]["name"] == before
 
 
+DISGUISED_TEXT = [
+    # (what, text): text that shows other than it is, or shows nothing at all
+    ("a right-to-left override", "\u202enimdA"),
+    ("a left-to-right override", "Ad\u202dmin"),
+    ("a right-to-left embedding", "\u202bAdmin\u202c"),
+    ("a pop of the direction alone", "Admin\u202c"),
+    ("a right-to-left isolate", "\u2067Admin\u2069"),
+    ("a first-strong isolate", "\u2068Admin"),
+    ("zero-width spaces only", "\u200b\u200b"),
+    ("joiners only", "\u200c\u200d"),
+    ("a word joiner", "\u2060"),
+    ("a byte order mark", "\ufeff"),
+    ("a soft hyphen", "\u00ad"),
+    ("a Hangul filler", "\u3164"),
+    ("Hangul jamo fillers", "\u115f\u1160"),
+    ("a blank braille pattern", "\u2800\u2800"),
+    ("a variation selector", "\ufe0f"),
+    ("a tag character", "\U000e0020"),
+    ("spaces and invisible ones", " \u3000\u200b\u00a0 "),
+]
+
+
+@pytest.mark.parametrize("what, text", DISGUISED_TEXT, ids=[case[0] for case in DISGUISED_TEXT])
+def test_text_that_disguises_itself_is_refused(server, what, text):
+    # A name or a message that would reorder what the page shows after it ("nimdA" shown as
+    # "Admin", with the time after it turned around), or that shows nothing at all, gets a 400
+    # that says why, and changes nothing.
+    client = new_client(server)
+    before = client.join()["you"]["name"]
+    for path, body in (("/api/name", {"name": text}), ("/api/messages", {"text": text})):
+        response = client.request("POST", path, body)
+        assert response.status == 400, (what, path, response.status, response.body)
+        error = response.json["error"]
+        assert "direction" in error or "invisible" in error, (what, error)
+    answer = client.poll(since=None)
+    assert answer["you"]["name"] == before
+    assert text not in [m["text"] for m in answer["messages"]]
+
+
+@pytest.mark.parametrize("text", ["שלום", "مرحبا بكم", "Zoë 日本語", "👨\u200d👩\u200d👧",
+                                  "\u200eAda\u200f", "x\u3164", "\u200bA"])
+def test_text_in_any_script_is_accepted(server, text):
+    # Right-to-left scripts, joined emoji, and invisible characters beside visible ones are fine.
+    client = new_client(server)
+    client.join()
+    assert client.rename(text).status == 200, text
+    assert client.post(text).status == 201, text
+
+
 def test_name_of_40_characters_is_accepted(server):
     # The limit is inclusive, and counts the name as trimmed.
     client = new_client(server)
@@ -1173,6 +1223,113 @@ def test_unusable_data_path_is_a_clear_error(tmp_path):
     result = run_chatroom(CHATROOM, "--port", "0", "--data", tmp_path / "no" / "such" / "x.db",
                           cwd=tmp_path)
     assert result.returncode != 0 and "data file" in result.stderr
+    assert "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_deleted_or_replaced_data_file_refuses_posts_and_renames(start_server, how):
+    # The data file is deleted, or replaced by a copy, while the room runs. What is written now
+    # would be lost, so from then on a post and a rename get 503 JSON that says why, nothing is
+    # acknowledged or shown to a parked poll, and one line in the log says what happened. Polls
+    # go on.
+    server = start_server()
+    alice, bob = new_client(server), new_client(server)
+    for client in (alice, bob):
+        client.join()
+    for client in (alice, bob):
+        wait_until_online(client)
+    assert alice.post("before").status == 201
+    version = bob.poll(since=None)["version"]
+    thread, result = poll_in_background(bob, since=version, timeout=30)
+    if how == "deleted":
+        server.data.unlink()
+    else:
+        shutil.copyfile(server.data, server.folder / "copy.db")
+        os.replace(server.folder / "copy.db", server.data)
+    for path, body in (("/api/messages", {"text": "lost one"}), ("/api/name", {"name": "Lost"}),
+                       ("/api/messages", {"text": "lost two"})):
+        refused = alice.request("POST", path, body)
+        assert refused.status == 503, (how, path, refused.status, refused.body)
+        assert "deleted or replaced" in refused.json["error"] and "restart" in refused.json["error"]
+    answer = alice.poll(since=None)
+    assert answer["version"] == version and answer["you"]["name"] != "Lost"
+    assert [m["text"] for m in answer["messages"]] == ["before"]
+    assert thread.is_alive(), "the parked poll was woken by an unsaved change"
+    log = server.output()
+    assert log.count("was deleted or replaced while the server ran") == 1, log
+    assert "Traceback" not in log
+    server.stop()  # (which answers the parked poll: nothing new)
+    thread.join(10)
+    assert result["answer"]["messages"] == []
+
+
+def without_root_powers(command):
+    """`command`, run so that file permissions bind it even when the tests run as root.
+
+    Root may write a read-only file; without the capability CAP_DAC_OVERRIDE (setpriv drops it
+    from what the command may ever have) it may not, like any other user.
+    """
+    if os.geteuid() != 0:
+        return command
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root, and setpriv (util-linux) is missing to drop root's powers")
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search", *command]
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid"), reason="file permissions as on Unix")
+@pytest.mark.parametrize("what", ["file", "folder", "folder, new file"])
+def test_a_read_only_data_file_or_folder_is_a_clear_error(tmp_path, what):
+    # A data file this user may not write, or one in a folder it may not write (where SQLite
+    # keeps its journal), is refused at start-up, in one line that says which, with a non-zero
+    # exit: not a room where every post fails, nor "not an SQLite database".
+    folder = tmp_path / "room"
+    folder.mkdir()
+    data = folder / ("new.db" if what == "folder, new file" else "chat.db")
+    if what != "folder, new file":
+        Server(folder, data=data).stop()
+    locked = data if what == "file" else folder
+    locked.chmod(0o555 if what != "file" else 0o444)
+    try:
+        result = subprocess.run(
+            without_root_powers([sys.executable, str(CHATROOM), "--port", "0", "--data", str(data)]),
+            cwd=tmp_path, capture_output=True, text=True, timeout=20)
+    finally:
+        locked.chmod(0o755 if what != "file" else 0o644)
+    assert result.returncode != 0, result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"{what.split(',')[0]} is read-only" in lines[0] or \
+        f"folder {folder} is read-only" in lines[0], lines[0]
+    assert "not an SQLite database" not in lines[0]
+
+
+@pytest.mark.parametrize("table", ["room", "messages"])
+def test_a_damaged_data_file_is_a_clear_error(tmp_path, table):
+    # A data file with a damaged page (here the first page of one of its tables) is refused at
+    # start-up in one line, with a non-zero exit, and left as it was: no traceback, and no room
+    # that fails later on the damaged page.
+    data = tmp_path / "damaged.db"
+    with sqlite3.connect(data) as db:
+        db.executescript(chatroom.SCHEMA)
+        db.executemany("INSERT INTO messages VALUES (?, 'u', 'n', ?, 0)",
+                       [(i, "x" * 500) for i in range(1, 200)])
+        db.execute("UPDATE room SET version = 199")
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        page = db.execute("SELECT rootpage FROM sqlite_master WHERE name = ?",
+                          (table,)).fetchone()[0]
+    db.close()
+    with open(data, "r+b") as file:
+        file.seek((page - 1) * page_size)
+        file.write(b"\xde\xad" * (page_size // 2))
+    before = data.read_bytes()
+    result = run_chatroom(CHATROOM, "--port", "0", "--data", data, cwd=tmp_path)
+    assert result.returncode != 0, result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "damaged" in lines[0], result.stderr
+    assert data.read_bytes() == before
+
+
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1224,6 +1381,73 @@ def test_history_pages_back_to_the_first_message(start_server):
     snapshot = client.poll(since=None)["messages"]
     response = client.request("GET", "/api/messages")
     assert response.json["messages"] == snapshot, "history messages differ from a poll's"
+
+
+def test_a_history_answer_keeps_to_its_byte_budget(start_server):
+    # 60 messages of 2,000 four-byte characters (8 KB each), then 20 short ones. An 80-byte
+    # request for 500 messages is answered with the newest that fit in MAX_ANSWER_BYTES, and
+    # "more": true, since fewer than asked for would otherwise mean "that is all". Reading back
+    # from the first one each answer holds brings every message once, in order; the answer that
+    # reaches the first message says no "more". Short messages come as many as asked for.
+    server = start_server()
+    rng = random.Random(20261205)
+    long_ones = ["".join(chr(rng.randint(0x1F300, 0x1FAFF)) for _ in range(2000))
+                 for _ in range(60)]
+    store_messages(server, [(i, text, i) for i, text in enumerate(long_ones, 1)]
+                   + [(i, f"short {i}", i) for i in range(61, 81)])
+    request = http_request("GET", "/api/messages?limit=500", {"Host": "127.0.0.1"})
+    assert len(request) < 80
+    status, headers, body = exchange(server.port, request)
+    assert status == 200 and "content-encoding" not in headers
+    assert len(body) <= chatroom.MAX_ANSWER_BYTES + 100, f"{len(body)} bytes of history at once"
+    answer = json.loads(body)
+    ids = [m["id"] for m in answer["messages"]]
+    assert answer.get("more") is True and ids == list(range(ids[0], 81)) and ids[0] > 1, ids
+    pages = [answer]
+    while pages[-1].get("more") and len(pages) < 100:
+        first = pages[-1]["messages"][0]["id"]
+        response = Client(server).request("GET", f"/api/messages?before={first}&limit=500")
+        assert response.status == 200
+        pages.append(response.json)
+    read = [m for page in reversed(pages) for m in page["messages"]]
+    assert [m["id"] for m in read] == list(range(1, 81)), "gaps, repeats or disorder"
+    assert [m["text"] for m in read[:60]] == long_ones
+    assert len(pages) > 2 and "more" not in pages[-1]
+    short = Client(server).request("GET", "/api/messages?limit=20").json
+    assert "more" not in short and [m["id"] for m in short["messages"]] == list(range(61, 81))
+
+
+def test_a_batch_and_a_snapshot_keep_to_the_byte_budget(start_server):
+    # 12 messages of 2,000 four-byte characters (8 KB each) and 5 short ones. A page that has
+    # seen nothing (since=0) gets them in batches of at most MAX_ANSWER_BYTES, each with the
+    # version of its last message, and following the versions brings every message once, in
+    # order; a new page's snapshot holds the newest that fit. The same after a restart, when
+    # they are read from the disk, not from memory.
+    server = start_server()
+    rng = random.Random(20261205)
+    texts = ["".join(chr(rng.randint(0x1F300, 0x1FAFF)) for _ in range(2000)) for _ in range(12)]
+    ids = []
+    for text in texts + [f"short {n}" for n in range(5)]:  # in UTF-8, as a browser sends them
+        response = new_client(server).request(
+            "POST", "/api/messages", json.dumps({"text": text}, ensure_ascii=False).encode(),
+            {"Content-Type": "application/json"})
+        assert response.status == 201, (response.status, response.body)
+        ids.append(response.json["message"]["id"])
+    for where in ("memory", "disk"):
+        client = Client(server)
+        since, read, batches = 0, [], 0
+        while since < ids[-1] and batches < 50:
+            response = client.request("GET", f"/api/poll?since={since}&timeout=0")
+            assert len(response.body) <= chatroom.MAX_ANSWER_BYTES + 500, (where, len(response.body))
+            read += [m["id"] for m in response.json["messages"]]
+            since, batches = response.json["version"], batches + 1
+        assert read == ids and batches > 1, (where, read, batches)
+        snapshot = client.request("GET", "/api/poll?timeout=0")
+        assert len(snapshot.body) <= chatroom.MAX_ANSWER_BYTES + 500, (where, len(snapshot.body))
+        held = [m["id"] for m in snapshot.json["messages"]]
+        assert held == ids[-len(held):] and len(held) < len(ids), (where, held)
+        assert snapshot.json["version"] >= ids[-1]
+        server.restart()
 
 
 @pytest.mark.parametrize("query", ["before=", "before=abc", "before=-1", "before=1.5", "limit=",
@@ -1413,8 +1637,9 @@ def test_every_answer_carries_a_date(server, start_full_server):
 
 
 def test_asking_for_many_cursors_does_not_grow_memory(start_server):
-    # 64 polls, each from a different `since` far behind, get answers of 1 MB each. The server
-    # keeps only MAX_CACHED_ANSWERS of them, so its memory grows by far less than 64 MB.
+    # 64 polls, each from a different `since` far behind, get answers as large as any may be
+    # (MAX_ANSWER_BYTES, 64 KiB). The server keeps none of them, so its memory grows by far less
+    # than 64 MB.
     server = start_server()
     if server_memory(server) is None:
         pytest.skip("needs /proc to read the server's memory")
@@ -1424,7 +1649,7 @@ def test_asking_for_many_cursors_does_not_grow_memory(start_server):
     def poll(since):
         client.request("GET", f"/api/poll?since={since}&timeout=0")
         answer = client.getresponse()
-        assert answer.status == 200 and len(answer.read()) > 10**6
+        assert answer.status == 200 and len(answer.read()) > chatroom.MAX_ANSWER_BYTES // 2
 
     poll(0)
     memory = server_memory(server)
@@ -1432,7 +1657,7 @@ def test_asking_for_many_cursors_does_not_grow_memory(start_server):
         poll(since)
     grown = server_memory(server) - memory
     client.close()
-    assert grown < 32 * 2**20, f"the server grew by {grown // 2**20} MiB for 64 answers of 1 MB"
+    assert grown < 32 * 2**20, f"the server grew by {grown // 2**20} MiB for 64 answers"
 
 
 def test_clients_that_hang_up_cost_a_log_line_and_no_traceback(start_server):
@@ -1781,6 +2006,44 @@ def test_a_changed_page_gets_a_new_etag(tmp_path):
     finally:
         old.stop()
         new.stop()
+
+
+def test_responses_with_many_messages_are_gzipped_for_clients_that_accept_it(
+        start_full_server):
+    # 150 stored messages. A history page, a snapshot and a batch, asked for with
+    # Accept-Encoding: gzip, come compressed (Content-Encoding: gzip, Vary: Accept-Encoding) and
+    # hold what they hold uncompressed; asked for without it, or with gzip;q=0, they come as
+    # they are. A small answer is never compressed, nor is the broadcast's answer to a parked
+    # poll (written by the room, however long its message).
+    server = start_full_server()
+    store_messages(server, [(i, f"message number {i}, " * 5, i) for i in range(1, 151)])
+    for target in ("/api/messages?limit=100", "/api/poll?timeout=0", "/api/poll?since=0&timeout=0"):
+        ask = {"Host": "127.0.0.1"}
+        _, plain_headers, plain = exchange(server.port, http_request("GET", target, ask))
+        _, headers, zipped = exchange(server.port, http_request(
+            "GET", target, {**ask, "Accept-Encoding": "gzip, deflate, br"}))
+        _, refused_headers, _ = exchange(server.port, http_request(
+            "GET", target, {**ask, "Accept-Encoding": "gzip;q=0, identity"}))
+        assert headers.get("content-encoding") == "gzip", (target, headers)
+        assert "Accept-Encoding" in headers["vary"] and "Accept-Encoding" in plain_headers["vary"]
+        assert "content-encoding" not in plain_headers and "content-encoding" not in refused_headers
+        assert len(zipped) < len(plain) / 2, (target, len(zipped), len(plain))
+        assert json.loads(gzip.decompress(zipped))["messages"] == json.loads(plain)["messages"]
+    small = http_request("GET", "/api/poll?since=150&timeout=0",
+                         {"Host": "127.0.0.1", "Accept-Encoding": "gzip"})
+    assert "content-encoding" not in exchange(server.port, small)[1]
+    poster, reader = new_client(server), new_client(server)
+    wait_until_listed(reader, {poster.join()["you"]["id"], reader.join()["you"]["id"]})
+    version = reader.poll(since=None)["version"]
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as connection:
+        connection.sendall(http_request("GET", f"/api/poll?since={version}&timeout=30", {
+            "Host": "127.0.0.1", "Cookie": f"sid={reader.sid}", "Accept-Encoding": "gzip"}))
+        time.sleep(0.2)  # parked
+        long_message = "a long message, " * 120
+        assert poster.post(long_message).status == 201
+        status, headers, body = read_answer(connection)
+    assert status == 200 and "content-encoding" not in headers, headers
+    assert long_message in [m["text"] for m in json.loads(body)["messages"]]
 
 
 # ==================================================================================================
@@ -2143,6 +2406,46 @@ def test_a_foreign_host_name_is_refused(full_server, host):
     assert f"rebound via {host}" not in [m["text"] for m in client.poll(since=None)["messages"]]
     for own in (f"127.0.0.1:{full_server.port}", f"localhost:{full_server.port}", "LOCALHOST"):
         assert client.request("GET", "/", headers={"Host": own}).status == 200, own
+
+
+SERVED_ON_THE_NETWORK = ["127.0.0.1:{port}", "localhost", "LOCALHOST:{port}", "[::1]:8000",
+                         "127.0.0.2", "chat.example", "Chat.Example:8000", "chat.example.",
+                         "other.example"]
+REFUSED_ON_THE_NETWORK = ["evil.example", "chat.example.evil.example", "localhost.evil.example",
+                          "10.0.0.1", "0.0.0.0:{port}", "[::2]", "other.example.evil.example"]
+
+
+@pytest.mark.parametrize("listening_on", ["0.0.0.0", "127.0.0.1"])
+def test_on_the_network_only_the_rooms_own_host_names_are_served(start_full_server,
+                                                                   listening_on):
+    # The room listens beyond loopback (--host 0.0.0.0, for a LAN) or on it, with two names
+    # given by --allowed-host. A rebinding page's name is refused with 421 (reading the history
+    # and posting alike), saying which flag would allow it; the room's own names are served:
+    # those given, localhost and loopback addresses for a connection over loopback (as this
+    # test's are), and the address the connection arrived at, whatever the port.
+    server = start_full_server("--host", listening_on, "--allowed-host", "chat.example",
+                          "--allowed-host", "Other.Example")
+    client = new_client(server)
+    client.join()
+    for host in SERVED_ON_THE_NETWORK:
+        host = host.format(port=server.port)
+        assert client.request("GET", "/api/messages", headers={"Host": host}).status == 200, host
+    for host in REFUSED_ON_THE_NETWORK:
+        host = host.format(port=server.port)
+        for method, path, body in (("GET", "/api/messages", None), ("GET", "/", None),
+                                   ("POST", "/api/messages", {"text": f"rebound via {host}"})):
+            response = client.request(method, path, body, headers={"Host": host})
+            assert response.status == 421, (host, path, response.status)
+            assert "--allowed-host" in response.json["error"], response.json
+    texts = [m["text"] for m in client.poll(since=None)["messages"]]
+    assert not [text for text in texts if text.startswith("rebound")], texts
+
+
+@pytest.mark.parametrize("name", ["chat.example:8000", "two words", "[::1", ""])
+def test_allowed_host_takes_a_name_without_a_port(tmp_path, name):
+    # --allowed-host takes a host name or an address, nothing else: a clear error and exit 2.
+    result = run_chatroom(CHATROOM, "--port", "0", "--allowed-host", name, cwd=tmp_path)
+    assert result.returncode == 2 and "--allowed-host" in result.stderr, result.stderr
 
 
 CROSS_SITE = [
