@@ -343,7 +343,7 @@ class Room:
             self.changed.notify_all()
 
 
-# --- Answers many times larger than their request ---
+# --- Responses many times larger than their request ---
 # Threat: an 80-byte request (a history page of 500, or a poll since=0) was answered with 500
 # messages of 2,000 characters, 4 MB: a few clients asking again and again take the whole uplink.
 # Defence: no response holds more than MAX_ANSWER_BYTES of messages. A batch stops early, and its
@@ -1139,8 +1139,9 @@ def check_text(value, what, max_length):
         raise RequestError(400, f"The {what} contains a character that changes the direction "
                                 f"of the text after it (U+202A to U+202E, U+2066 to U+2069).")
     if all(map(is_invisible, value)):  # (stops at the first visible character)
-        raise RequestError(400, f"The {what} is empty, or made only of spaces and invisible "
-                                f"characters.")
+        raise RequestError(400, f"The {what} is empty." if not value.strip() else
+                                f"The {what} shows nothing: it is made only of invisible "
+                                f"characters (and perhaps spaces).")
 
 
 def parse_number(params, name, integer=False):
