@@ -889,22 +889,6 @@ def test_parked_poll_is_woken_by_someone_arriving(start_server):
     assert carol_id in [person["id"] for person in result["answer"]["online"]]
 
 
-def test_people_arriving_together_are_announced_together(start_server):
-    # Bob is parked while 24 people arrive over more than a second, closer together than
-    # ARRIVALS_PAUSE (0.2 s). His poll wakes once they stop coming, with all 24 in the list,
-    # not at some moment in between with part of them.
-    server = start_server()
-    thread, result = park_alone(server)
-    newcomers = set()
-    for _ in range(24):
-        newcomers.add(new_client(server).poll(since=None, timeout=0)["you"]["id"])
-        time.sleep(0.05)  # the pace at which people arrive
-    thread.join(20)
-    assert not thread.is_alive(), "the arrivals were never announced"
-    listed = {person["id"] for person in result["answer"]["online"]}
-    assert newcomers <= listed, f"announced with {len(newcomers & listed)} of the 24 in"
-
-
 def test_a_steady_stream_of_arrivals_is_announced_before_it_ends(start_server):
     # People keep arriving, one every 0.1 s, for 4 s. Bob's parked poll does not wait for a
     # pause that never comes: it wakes within ARRIVALS_MAX_WAIT (2 s) of the first arrival.
@@ -1855,6 +1839,22 @@ def test_head_and_cookieless_polls_are_answered_by_their_own_thread(start_full_s
             connection.sendall(http_request("GET", "/api/poll?timeout=0", host))
             assert read_answer(answers)[0] == 200  # the next answer starts where it should
     page.close()
+
+
+def test_people_arriving_together_are_announced_together(start_full_server):
+    # Bob is parked while 24 people arrive over more than a second, closer together than
+    # ARRIVALS_PAUSE (0.2 s). His poll wakes once they stop coming, with all 24 in the list,
+    # not at some moment in between with part of them.
+    server = start_full_server()
+    thread, result = park_alone(server)
+    newcomers = set()
+    for _ in range(24):
+        newcomers.add(new_client(server).poll(since=None, timeout=0)["you"]["id"])
+        time.sleep(0.05)  # the pace at which people arrive
+    thread.join(20)
+    assert not thread.is_alive(), "the arrivals were never announced"
+    listed = {person["id"] for person in result["answer"]["online"]}
+    assert newcomers <= listed, f"announced with {len(newcomers & listed)} of the 24 in"
 
 
 def test_releasing_the_oldest_poll_wakes_only_its_thread(start_full_server):
