@@ -3708,3 +3708,39 @@ def test_what_a_screen_reader_hears(browser_room, people):
     page.locator("#name-button").click()
     expect(field).not_to_have_attribute("aria-invalid", "true")
     expect(field).to_have_accessible_description("Enter saves, Escape cancels.")
+
+
+# What a small group met in three days of daily use, each with the test that keeps it fixed.
+
+def test_the_focus_stays_in_the_box_after_send(browser_room, people):
+    # Ray sends by clicking Send, by Tab to Send and Space, and on his phone by tapping Send: each
+    # time the message goes and the focus is back in the box (never on the page's body), so he
+    # types on; on the phone the box never loses the focus at all, so the keyboard stays up.
+    ray = people(browser_room)
+    box, send = ray.page.locator("#text"), ray.page.locator("#send")
+    for how in ("click", "space"):
+        text = unique(f"Ray sends by {how}")
+        box.fill(text)
+        if how == "click":
+            send.click()
+        else:
+            box.press("Tab")
+            expect(send).to_be_focused()
+            ray.page.keyboard.press("Space")
+        ray.sees(text)
+        expect(box).to_be_focused()
+        ray.page.keyboard.type("x")
+        expect(box).to_have_value("x")
+        box.fill("")
+    phone = people(browser_room, viewport={"width": 390, "height": 844}, is_mobile=True,
+                   has_touch=True)
+    phone_box = phone.page.locator("#text")
+    phone_box.tap()
+    phone.page.evaluate("""() => { window.__blurs = 0;
+        document.getElementById("text").addEventListener("blur", () => window.__blurs++); }""")
+    text = unique("Ray taps Send")
+    phone_box.fill(text)
+    phone.page.locator("#send").tap()
+    phone.sees(text)
+    expect(phone_box).to_be_focused()
+    assert phone.page.evaluate("window.__blurs") == 0, "tapping Send took the focus from the box"
