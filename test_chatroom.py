@@ -3228,7 +3228,7 @@ def test_reading_back_is_not_yanked_and_the_newest_is_a_click_away(start_server,
     # bottom. Abe's keyboard comes up (the window gets shorter): the newest stays in view.
     # Scrolled up, new messages leave the log where it is, and "2 new messages" appears at its
     # bottom; clicking it (Zoe presses Enter on it) shows the newest, and it goes, leaving the
-    # keyboard in the log. Scrolling down to the bottom clears it too, and the next time the count
+    # keyboard on the newest message. Scrolling down to the bottom clears it too, and the next time the count
     # starts again from one.
     server = start_server()
     store_messages(server, [(i, f"earlier #{i}", int(time.time() * 1000)) for i in range(1, 41)])
@@ -3261,7 +3261,7 @@ def test_reading_back_is_not_yanked_and_the_newest_is_a_click_away(start_server,
         expect(person.row(said[-1])).not_to_be_in_viewport()
         if person is readers[0]:
             jump.press("Enter")
-            expect(person.page.locator("#log")).to_be_focused()
+            expect(person.row(said[-1])).to_be_focused()
         else:
             jump.click()
         expect(person.row(said[-1])).to_be_in_viewport(ratio=1)
@@ -3500,7 +3500,8 @@ FOCUS_RING = """() => {
   while (getComputedStyle(under).backgroundColor === "rgba(0, 0, 0, 0)" && under.parentElement) {
     under = under.parentElement;
   }
-  return [`focus ring of #${element.id}`, getComputedStyle(element).outlineColor,
+  const what = element.id ? `#${element.id}` : "a message row";
+  return [`focus ring of ${what}`, getComputedStyle(element).outlineColor,
           getComputedStyle(under).backgroundColor, 3];
 }"""
 
@@ -3615,10 +3616,11 @@ def test_axe_finds_nothing_in_any_state(start_server, people):
 
 
 def assert_visibly_focused(page):
-    """Check that the focused element shows a focus ring; returns its id."""
+    """Check that the focused element shows a focus ring; returns its id ("log" for a message)."""
     focused = page.evaluate("""() => {
         const element = document.activeElement;
-        return { id: element.id, visible: element.matches(":focus-visible"),
+        const id = element.closest("#log") ? "log" : element.id;
+        return { id, visible: element.matches(":focus-visible"),
                  outline: getComputedStyle(element).outlineStyle };
     }""")
     assert focused["visible"] and focused["outline"] != "none", \
@@ -3627,10 +3629,13 @@ def assert_visibly_focused(page):
 
 
 def test_keyboard_only(browser_room, people):
-    # Pia uses only the keyboard: Tab reaches the message log (to scroll it), the message box,
+    # Pia uses only the keyboard: Tab reaches the message log (a message), the message box,
     # Send, Mute and her name in that order, each visibly focused and named; the name editor
     # works by keyboard.
+    said = unique("for Pia to read")  # an empty log has nothing to stop at
+    someone_says(browser_room, said)
     pia = people(browser_room)
+    pia.sees(said)
     page = pia.page
     page.locator("h1").click()  # start from the top of the page, as after loading
     wanted = ["log", "text", "send", "mute", "name-button"]
@@ -3744,3 +3749,63 @@ def test_the_focus_stays_in_the_box_after_send(browser_room, people):
     phone.sees(text)
     expect(phone_box).to_be_focused()
     assert phone.page.evaluate("window.__blurs") == 0, "tapping Send took the focus from the box"
+
+
+FOCUSED = """() => { const at = document.activeElement;
+    const row = at.closest("li[data-id]");
+    return { tag: at.localName, id: at.id, row: row ? Number(row.dataset.id) : null }; }"""
+
+
+def test_the_log_is_one_tab_stop_with_arrow_keys_inside(start_server, people):
+    # Sol's room holds 40 messages, each with a link. From the top of the page, one Tab enters the
+    # log on the newest message, the next reaches that message's link and the one after the
+    # message box: not 40 links. The log does not scroll back on the way. Inside the log the arrow
+    # keys, Home and End move between messages, Enter goes to a message's link and Escape back;
+    # Shift+Tab from the box comes back the same way. "1 new message" leaves him on the newest.
+    server = start_server()
+    store_messages(server, [(i, f"link #{i}: https://example.com/{i}", int(time.time() * 1000))
+                            for i in range(1, 41)])
+    sol = people(server, viewport={"width": 1280, "height": 800})
+    page = sol.page
+    expect(sol.row("link #40: https://example.com/40")).to_be_in_viewport()
+    page.locator("h1").click()
+    stops = []
+    for _ in range(6):
+        page.keyboard.press("Tab")
+        stops.append(page.evaluate(FOCUSED))
+        if stops[-1]["id"] == "text":
+            break
+    assert stops == [{"tag": "li", "id": "", "row": 40}, {"tag": "a", "id": "", "row": 40},
+                     {"tag": "textarea", "id": "text", "row": None}], stops
+    expect(sol.row("link #40: https://example.com/40")).to_be_in_viewport()
+    page.keyboard.press("Shift+Tab")
+    page.keyboard.press("Shift+Tab")
+    assert page.evaluate(FOCUSED) == {"tag": "li", "id": "", "row": 40}
+    assert_visibly_focused_row(page)
+    for key, row in (("ArrowUp", 39), ("ArrowUp", 38), ("ArrowDown", 39), ("End", 40),
+                     ("Home", 1), ("ArrowDown", 2)):
+        page.keyboard.press(key)
+        assert page.evaluate(FOCUSED)["row"] == row, f"{key} did not reach message {row}"
+        expect(page.locator(f'#messages li[data-id="{row}"]')).to_be_in_viewport()
+    page.keyboard.press("Enter")
+    assert page.evaluate(FOCUSED) == {"tag": "a", "id": "", "row": 2}
+    page.keyboard.press("Escape")
+    assert page.evaluate(FOCUSED) == {"tag": "li", "id": "", "row": 2}
+    tab_stops = page.locator("#log [tabindex='0']").evaluate_all(
+        "stops => stops.map((stop) => stop.localName)")
+    assert tab_stops == ["li", "a"], f"the log's Tab stops: {tab_stops}"
+
+    news = unique("news for Sol")
+    news_id = someone_says(server, news)
+    jump = page.locator("#jump")
+    expect(jump).to_be_visible()
+    jump.press("Enter")
+    expect(sol.row(news)).to_be_in_viewport()
+    assert page.evaluate(FOCUSED) == {"tag": "li", "id": "", "row": news_id}
+
+
+def assert_visibly_focused_row(page):
+    """Check that the focused message row shows a focus ring."""
+    shown = page.evaluate("""() => { const at = document.activeElement;
+        return at.matches(":focus-visible") && getComputedStyle(at).outlineStyle !== "none"; }""")
+    assert shown, "the focused message shows no focus ring"
