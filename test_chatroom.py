@@ -2706,6 +2706,12 @@ def exactly(text):
     return re.compile("^" + re.escape(text) + "$")
 
 
+def online_entry(page, name, you=False):
+    """The entries of the online list whose name is exactly `name` (marked as one's own)."""
+    return page.locator("#online li.you" if you else "#online li",
+                        has=page.locator(".name", has_text=exactly(name)))
+
+
 def unique(prefix):
     """A text that no other test has put in the shared room."""
     return f"{prefix} {secrets.token_hex(3)}"
@@ -2797,11 +2803,12 @@ class Person:
         expect(self.page.locator("#name-button")).to_contain_text(name)
 
     def my_name(self):
-        mine = self.page.locator("#online li", has_text=re.compile(r" \(you\)$"))
-        return mine.text_content().removesuffix(" (you)")
+        return self.page.locator("#online li.you .name").text_content()
 
     def online(self):
-        return self.page.locator("#online li").all_text_contents()
+        """The names in the online list, with " (you)" after one's own."""
+        return self.page.locator("#online li").evaluate_all("""items => items.map((item) =>
+            item.querySelector(".name").textContent + (item.matches(".you") ? " (you)" : ""))""")
 
     def plays(self):
         return self.page.evaluate("window.__plays")
@@ -2961,8 +2968,8 @@ def test_rename_in_the_page(browser_room, people):
     expect(button).to_contain_text(new_name)
     expect(button).not_to_contain_text("Not my name")
 
-    expect(finn.page.locator("#online li", has_text=exactly(new_name))).to_have_count(1)
-    expect(eva.page.locator("#online li", has_text=exactly(new_name + " (you)"))).to_have_count(1)
+    expect(online_entry(finn.page, new_name)).to_have_count(1)
+    expect(online_entry(eva.page, new_name, you=True)).to_have_count(1)
     text = unique("Eva after renaming")
     eva.say(text)
     expect(finn.row(text).locator(".name")).to_have_text(new_name)
@@ -2979,12 +2986,12 @@ def test_online_list_shows_arrivals_and_departures(start_server, people):
     server = start_server("--online-window", str(ONLINE_WINDOW))
     gus, hana = people(server), people(server)
     gus_name, hana_name = gus.my_name(), hana.my_name()
-    expect(gus.page.locator("#online li", has_text=exactly(hana_name))).to_have_count(1)
-    expect(hana.page.locator("#online li", has_text=exactly(gus_name))).to_have_count(1)
+    expect(online_entry(gus.page, hana_name)).to_have_count(1)
+    expect(online_entry(hana.page, gus_name)).to_have_count(1)
     expect(gus.page.locator("#online-count")).to_have_text("2")
 
     hana.page.close()
-    expect(gus.page.locator("#online li", has_text=exactly(hana_name))).to_have_count(
+    expect(online_entry(gus.page, hana_name)).to_have_count(
         0, timeout=(ONLINE_WINDOW + 1) * 1000 + BROWSER_TIMEOUT_MS)
     expect(gus.page.locator("#online-count")).to_have_text("1")
     assert gus.online() == [f"{gus_name} (you)"]
@@ -3038,7 +3045,7 @@ def test_markup_in_messages_and_names_is_shown_as_text(browser_room, people):
     jay.say(text)
     kim.sees(text)
     expect(kim.row(text).locator(".name")).to_have_text(name)
-    expect(kim.page.locator("#online li", has_text=exactly(name))).to_have_count(1)
+    expect(online_entry(kim.page, name)).to_have_count(1)
     for person in (jay, kim):
         made = person.page.evaluate("document.querySelectorAll('#messages img, #messages b, "
                                     "#online img, #online b, #name-button b').length")
@@ -3373,7 +3380,7 @@ def test_a_normal_visit_has_no_errors(browser_room, people):
     assert [play for play in nia.settled_plays() if play["outcome"] == "played"], nia.plays()
     name = unique("Nia")
     nia.rename(name)
-    expect(oto.page.locator("#online li", has_text=exactly(name))).to_have_count(1)
+    expect(online_entry(oto.page, name)).to_have_count(1)
     nia.caught_up(answer_id)
     assert nia.problems == [] and oto.problems == [], nia.problems + oto.problems
 
@@ -3809,3 +3816,50 @@ def assert_visibly_focused_row(page):
     shown = page.evaluate("""() => { const at = document.activeElement;
         return at.matches(":focus-visible") && getComputedStyle(at).outlineStyle !== "none"; }""")
     assert shown, "the focused message shows no focus ring"
+
+
+TAG_OF = """(element) => { const tag = element.querySelector(".tag");
+    return { text: tag.innerText, title: tag.title, colour: getComputedStyle(tag).color }; }"""
+
+
+def test_two_people_with_one_name_are_told_apart(browser_room, people):
+    # Two people call themselves Sam, and a third writes her name in Hebrew. Each message and each
+    # entry of the online list shows, after the name, the start of the sender's public id in a
+    # colour of their own (readable: 4.5:1), the whole id on hover and while the keyboard is on
+    # the message; the two Sams' tags differ. The Hebrew name sits in a <bdi>, so its tag and
+    # time stay after it instead of being drawn into its right-to-left order.
+    first, second, third = people(browser_room), people(browser_room), people(browser_room)
+    ids = {}
+    for person, name in ((first, "Sam"), (second, "Sam"), (third, "\u05e9\u05dc\u05d5\u05dd")):
+        person.rename(name)
+        text = unique(f"{name} speaks")
+        person.say(text)
+        ids[person] = (text, person.page.evaluate(
+            "fetch('/api/poll').then((response) => response.json()).then((a) => a.you.id)"))
+    for person, (text, public_id) in ids.items():
+        assert re.fullmatch(r"[0-9a-f]{16}", public_id), public_id
+        third.sees(text)
+        row = third.row(text)
+        tag = row.evaluate(TAG_OF)
+        assert tag["text"] == public_id[:4], (tag, public_id)
+        assert public_id in tag["title"], tag
+        background = third.page.evaluate(
+            "getComputedStyle(document.documentElement).backgroundColor")
+        assert colour_ratio(tag["colour"], background) >= 4.5, tag
+        shown = row.locator(".tag")
+        row.hover()
+        expect(shown).to_have_js_property("innerText", public_id)
+        third.page.locator("h1").hover()
+        expect(shown).to_have_js_property("innerText", public_id[:4])
+        row.focus()
+        expect(shown).to_have_js_property("innerText", public_id)
+        entry = third.page.locator("#online li", has=third.page.locator(
+            f'.tag[title="Public id {public_id}"]'))
+        expect(entry).to_have_count(1)
+    sams = [third.row(ids[person][0]).evaluate(TAG_OF) for person in (first, second)]
+    assert sams[0]["text"] != sams[1]["text"], sams
+    hebrew = third.row(ids[third][0])
+    assert hebrew.locator(".name").evaluate("name => name.localName") == "bdi"
+    name_box = hebrew.locator(".name").bounding_box()
+    tag_box = hebrew.locator(".tag").bounding_box()
+    assert tag_box["x"] >= name_box["x"] + name_box["width"], (name_box, tag_box)
