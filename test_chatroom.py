@@ -2792,8 +2792,22 @@ class Person:
         page.wait_for_event("request", lambda request: since_of(request) is not None
                             and since_of(request) >= version)
 
+    def open_side(self):
+        """On a phone, open the sheet of people and settings (elsewhere it is always shown)."""
+        toggle = self.page.locator("#people-toggle")
+        if toggle.is_visible() and toggle.get_attribute("aria-expanded") == "false":
+            toggle.click()
+        expect(self.page.locator("#name-button")).to_be_visible()
+
+    def close_side(self):
+        """On a phone, close the sheet of people and settings, if it is open."""
+        toggle = self.page.locator("#people-toggle")
+        if toggle.is_visible() and toggle.get_attribute("aria-expanded") == "true":
+            toggle.click()
+
     def rename(self, name):
         """Change the name the way a person does: the name button, type, Enter."""
+        self.open_side()
         self.page.locator("#name-button").click()
         field = self.page.locator("#name-input")
         expect(field).to_be_focused()
@@ -2801,6 +2815,7 @@ class Person:
         field.press("Enter")
         expect(self.page.locator("#name-form")).to_be_hidden()
         expect(self.page.locator("#name-button")).to_contain_text(name)
+        self.close_side()
 
     def my_name(self):
         return self.page.locator("#online li.you .name").text_content()
@@ -3008,8 +3023,7 @@ def test_rate_limit_keeps_the_text_and_counts_down(browser_room, people):
     ivy.say(unique("Ivy two"))
     third = unique("Ivy three")
     box, notice = ivy.page.locator("#text"), ivy.page.locator("#notice")
-    composer = ivy.page.locator("#composer")
-    composer_before = composer.bounding_box()
+    box_before = box.bounding_box()
     ivy.page.evaluate("window.__announced = []")
     box.fill(third)
     box.press("Enter")
@@ -3028,7 +3042,7 @@ def test_rate_limit_keeps_the_text_and_counts_down(browser_room, people):
                                            said[0]) and said[1] == "You can post again now.", said
     assert notice.evaluate("element => getComputedStyle(element).color") != warning_colour, \
         "'You can post again now.' is shown in the colour of the warning"
-    assert composer.bounding_box() == composer_before, "the notice line moved the message box"
+    assert box.bounding_box() == box_before, "the notice line moved the message box"
     box.press("Enter")
     expect(box).to_have_value("")
     expect(ivy.row(third)).to_have_count(1)
@@ -3600,6 +3614,7 @@ def test_axe_finds_nothing_in_any_state(start_server, people):
         person.say(f"Hello from the {screen} screen")
     audit("messages")
     for person in screens.values():
+        person.open_side()
         person.page.locator("#name-button").click()
         expect(person.page.locator("#name-input")).to_be_focused()
     audit("name editor open")
@@ -3610,6 +3625,7 @@ def test_axe_finds_nothing_in_any_state(start_server, people):
     for number in range(10):
         someone_says(server, f"Earlier, #{number}: see https://example.com/{number}.")
     for person in screens.values():
+        person.open_side()
         person.page.locator("#panel summary").click()
         scroll_log(person.page, "top")
         expect(person.page.locator("#beginning")).to_be_visible()
@@ -3699,7 +3715,7 @@ def test_what_a_screen_reader_hears(browser_room, people):
     assert not any(history in text for text in logged), "the history was read out as news"
     for text in news:
         assert [entry for entry in logged if entry.endswith(text)], f"{text!r} was not read out"
-    assert [text for region, text in said if region == "status"].count("Connected") == 1, said
+    assert [text for region, text in said if region == "connection-said"] == ["Connected"], said
     meta = quinn.row(news[0]).locator(".meta")
     assert re.fullmatch(r"Guest \d+\s+\S.*", meta.text_content()), \
         f"name and time run together: {meta.text_content()!r}"
@@ -3863,3 +3879,94 @@ def test_two_people_with_one_name_are_told_apart(browser_room, people):
     name_box = hebrew.locator(".name").bounding_box()
     tag_box = hebrew.locator(".tag").bounding_box()
     assert tag_box["x"] >= name_box["x"] + name_box["width"], (name_box, tag_box)
+
+
+def test_an_outage_is_counted_down_said_once_and_retried_at_will(start_server, people):
+    # The server stops under Tia's page. A screen reader hears "Connection lost." once, not every
+    # retry; the status counts down to the next retry, second by second, never from more than 5 s;
+    # the online list is greyed and its count unknown. The server comes back; Tia presses "Retry
+    # now" and the page asks at once, says "Connected again." once, lists who is online, and
+    # the keyboard goes on in the message box.
+    server = start_server()
+    tia = people(server, init_script=RECORD_ANNOUNCEMENTS)
+    page, status = tia.page, tia.page.locator("#status")
+    retry = page.locator("#retry")
+    expect(retry).to_be_hidden()
+    server.stop()
+    expect(status).to_contain_text("Connection lost")
+    expect(page.locator("#online")).to_have_class("stale")
+    expect(page.locator("#online-count")).to_have_text("unknown")
+    expect(retry).to_be_visible()
+    seen = []  # the seconds shown, in the order they were
+    deadline = time.monotonic() + 12  # long enough for the wait to reach its cap
+    while time.monotonic() < deadline:
+        found = re.search(r"Retrying in (\d+) s", status.text_content())
+        if found and (not seen or seen[-1] != int(found.group(1))):
+            seen.append(int(found.group(1)))
+        time.sleep(0.1)
+    assert max(seen) <= 5, f"waits longer than 5 s: {seen}"
+    assert any(later == earlier - 1 for earlier, later in zip(seen, seen[1:])), \
+        f"the countdown does not tick: {seen}"
+
+    server.start(server.port)
+    wait_until(lambda: re.search(r"Retrying in [3-9] s", status.text_content()),
+               timeout=15, message="a wait of 3 s or more")
+    retry.focus()
+    with page.expect_request(lambda request: request.url.split("?")[0].endswith("/api/poll"),
+                             timeout=1500):
+        page.keyboard.press("Enter")
+    expect(status).to_have_text("Connected")
+    expect(retry).to_be_hidden()
+    expect(page.locator("#text")).to_be_focused()
+    expect(page.locator("#online")).not_to_have_class("stale")
+    expect(page.locator("#online-count")).to_have_text(re.compile(r"^\d+$"))
+    said = tia.announced()
+    assert said == [("connection-said", "Connected"), ("connection-said", "Connection lost."),
+                    ("connection-said", "Connected again.")], said
+
+
+def test_a_phone_gives_the_log_its_height_and_keeps_the_box_in_view(browser_room, people):
+    # Uma's phone (390x844): the log takes most of the height; the people and settings are a
+    # sheet behind the "People" button (Escape closes it, back on the button). With the keyboard
+    # up (390x560) the log keeps most of what is left, and at 390x480 the message box and Send
+    # are whole on screen. A notice of two lines does not move the box; a draft of six lines
+    # shows whole, the box grown to hold it (four of them with the keyboard up).
+    uma = people(browser_room, viewport={"width": 390, "height": 844}, is_mobile=True,
+                 has_touch=True)
+    page = uma.page
+    assert "interactive-widget=resizes-content" in page.locator(
+        "meta[name=viewport]").get_attribute("content")
+    log = page.locator("#log")
+    for width, height, share in ((390, 844, 0.75), (390, 560, 0.65), (390, 480, 0.6)):
+        page.set_viewport_size({"width": width, "height": height})
+        log_height = log.evaluate("log => log.getBoundingClientRect().height")
+        assert log_height >= share * height, f"the log has {log_height} of {height} px"
+        for selector in ("#text", "#send"):
+            expect(page.locator(selector)).to_be_in_viewport(ratio=1)
+    expect(page.locator("#online")).to_be_hidden()
+    toggle = page.locator("#people-toggle")
+    expect(toggle).to_have_attribute("aria-expanded", "false")
+    toggle.click()
+    expect(page.locator("#online")).to_be_visible()
+    expect(toggle).to_have_attribute("aria-expanded", "true")
+    page.keyboard.press("Escape")
+    expect(page.locator("#online")).to_be_hidden()
+    expect(toggle).to_be_focused()
+
+    box = page.locator("#text")
+    before = box.bounding_box()
+    page.locator("#notice-text").evaluate(
+        "notice => { notice.textContent = 'A notice long enough to take two lines on a phone, "
+        "as some of them do.'; }")
+    assert page.locator("#notice").evaluate("notice => notice.clientHeight") > 30, \
+        "the notice did not take two lines, so this proves nothing"
+    assert box.bounding_box() == before, "a notice of two lines moved the message box"
+    box.fill("\n".join(f"line {number}" for number in range(1, 7)))
+    for height, lines in ((844, 6), (560, 4)):
+        page.set_viewport_size({"width": 390, "height": height})
+        shown = box.evaluate("""box => (box.clientHeight - parseFloat(getComputedStyle(box).paddingTop)
+            - parseFloat(getComputedStyle(box).paddingBottom))
+            / parseFloat(getComputedStyle(box).lineHeight)""")
+        assert shown >= lines - 0.1, f"at 390x{height} the box shows {shown:.1f} lines of 6"
+        for selector in ("#text", "#send"):
+            expect(page.locator(selector)).to_be_in_viewport(ratio=1)
