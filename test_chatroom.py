@@ -2934,19 +2934,18 @@ def test_chime_for_others_only_and_mute_survives_reload(browser_room, people):
     assert len(plays) == 1 and plays[0]["src"].endswith("/chime.wav"), plays
     assert plays[0]["outcome"] == "played", f"the browser could not play the chime: {plays}"
 
-    # One name, in either state; aria-pressed alone says which (a screen reader reads both).
-    mute = cleo.page.locator("#mute")
-    expect(mute).to_have_accessible_name("Mute chime")
-    expect(mute).to_have_attribute("aria-pressed", "false")
-    mute.click()
-    expect(mute).to_have_attribute("aria-pressed", "true")
-    expect(mute).to_have_accessible_name("Mute chime")
+    # The setting says its state, to the eye and to a screen reader alike.
+    chime = cleo.page.locator("#chime")
+    expect(chime).to_have_accessible_name("Chime")
+    expect(chime).to_have_value("always")
+    chime.select_option("never")
+    expect(chime.locator("option:checked")).to_have_text("Never")
     quiet_id = someone_says(browser_room, unique("while muted"))
     cleo.caught_up(quiet_id)
     assert len(cleo.plays()) == 1, "the chime played while muted"
 
     cleo.reload()
-    expect(mute).to_have_attribute("aria-pressed", "true")
+    expect(chime).to_have_value("never")
     quiet_id = someone_says(browser_room, unique("muted after reload"))
     cleo.caught_up(quiet_id)
     assert cleo.plays() == [], "the chime played after a reload although it was muted"
@@ -3540,7 +3539,7 @@ def test_focus_rings_and_borders_stand_out(browser_room, people, scheme):
     pairs = page.evaluate(MARKS_OF_CONTROLS)
     page.locator("#name-input").press("Escape")
     page.locator("h1").click()
-    for _ in ("log", "text", "send", "mute", "name-button"):
+    for _ in ("log", "text", "send", "chime", "name-button"):
         page.keyboard.press("Tab")
         pairs.append(page.evaluate(FOCUS_RING))
     weak = [f"{what}: {colour} on {under} is {colour_ratio(colour, under):.2f}:1, needs {needed}"
@@ -3653,7 +3652,7 @@ def assert_visibly_focused(page):
 
 def test_keyboard_only(browser_room, people):
     # Pia uses only the keyboard: Tab reaches the message log (a message), the message box,
-    # Send, Mute and her name in that order, each visibly focused and named; the name editor
+    # Send, the chime setting and her name in that order, each visibly focused and named; the name editor
     # works by keyboard.
     said = unique("for Pia to read")  # an empty log has nothing to stop at
     someone_says(browser_room, said)
@@ -3661,7 +3660,7 @@ def test_keyboard_only(browser_room, people):
     pia.sees(said)
     page = pia.page
     page.locator("h1").click()  # start from the top of the page, as after loading
-    wanted = ["log", "text", "send", "mute", "name-button"]
+    wanted = ["log", "text", "send", "chime", "name-button"]
     visited = []
     while "name-button" not in visited and len(visited) < 10:
         page.keyboard.press("Tab")
@@ -3970,3 +3969,24 @@ def test_a_phone_gives_the_log_its_height_and_keeps_the_box_in_view(browser_room
         assert shown >= lines - 0.1, f"at 390x{height} the box shows {shown:.1f} lines of 6"
         for selector in ("#text", "#send"):
             expect(page.locator(selector)).to_be_in_viewport(ratio=1)
+
+
+def test_times_in_the_readers_own_way_and_a_long_name_keeps_its_dot(start_server, people):
+    # Vic in Los Angeles (en-US) reads a message sent at 8 pm as "8:00 PM", not "08:00 PM";
+    # Wyn in London (en-GB) reads it as her clock does. A name of 40 letters in the online list
+    # wraps beside its green dot instead of leaving the dot alone on the first line.
+    server = start_server()
+    store_messages(server, [(1, "said at eight", evening_in_los_angeles(1))])
+    vic = people(server, **IN_LOS_ANGELES)
+    wyn = people(server, timezone_id="Europe/London", locale="en-GB")
+    expect(vic.row("said at eight").locator("time")).to_have_text("8:00 PM")
+    london = datetime.datetime.fromtimestamp(evening_in_los_angeles(1) / 1000,
+                                             ZoneInfo("Europe/London"))
+    expect(wyn.row("said at eight").locator("time")).to_have_text(f"{london:%H:%M}")
+    vic.rename("W" * 40)
+    entry = vic.page.locator("#online li.you")
+    lines = entry.evaluate("""item => {
+        const name = item.querySelector(".name").getClientRects();
+        return { first: name[0].top - item.getBoundingClientRect().top, count: name.length,
+                 height: name[0].height }; }""")
+    assert lines["first"] < lines["height"] / 2, f"the name starts below its dot: {lines}"
