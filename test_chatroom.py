@@ -3990,3 +3990,38 @@ def test_times_in_the_readers_own_way_and_a_long_name_keeps_its_dot(start_server
         return { first: name[0].top - item.getBoundingClientRect().top, count: name.length,
                  height: name[0].height }; }""")
     assert lines["first"] < lines["height"] / 2, f"the name starts below its dot: {lines}"
+
+
+def test_a_long_paste_is_never_cut_and_the_limit_is_said(browser_room, people):
+    # Xan pastes 2,345 characters (the limit is 2,000): all of them stay in the box, a counter
+    # shows "2,345 / 2,000", and a notice says the message is 345 characters over and that
+    # nothing was cut; Enter sends nothing. Cut to exactly 2,000, the notice goes and the whole
+    # message is sent. Near the limit the counter shows; well under it, it does not.
+    xan = people(browser_room)
+    xan.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    page, box = xan.page, xan.page.locator("#text")
+    length, notice = page.locator("#length"), page.locator("#notice-text")
+    words = " ".join(f"word{number:04d}" for number in range(300))[:2000 - 7]
+    pasted = words + " " + secrets.token_hex(3) + " and the end of it, cut mid-word by the old page"
+    pasted += "x" * (2345 - len(pasted))
+    page.evaluate("text => navigator.clipboard.writeText(text)", pasted)
+    box.focus()
+    page.keyboard.press("ControlOrMeta+V")
+    expect(box).to_have_value(pasted)
+    expect(length).to_be_visible()
+    expect(length).to_have_text("2,345 / 2,000")
+    expect(notice).to_have_text("With what you pasted, the message is 345 characters over the "
+                                "limit of 2,000. Nothing was cut: shorten it to send it.")
+    expect(box).to_have_attribute("aria-invalid", "true")
+    box.press("Enter")
+    expect(box).to_have_value(pasted)
+    expect(xan.row(pasted)).to_have_count(0)
+
+    box.fill(pasted[:2000])
+    expect(notice).to_have_text("")
+    expect(length).to_have_text("2,000 / 2,000")
+    box.press("Enter")
+    xan.sees(pasted[:2000])
+    expect(length).to_be_hidden()
+    box.fill("short")
+    expect(length).to_be_hidden()
