@@ -4097,3 +4097,58 @@ def test_a_message_is_sent_once_with_its_own_key_whatever_is_lost(start_server, 
     for text in [*lost.values(), offline]:
         expect(yui.row(text)).to_have_count(1)
         assert stored_texts(server, text) == 1, f"{text!r} is stored more than once"
+
+
+RECORD_NOTIFICATIONS = """
+window.__notes = [];
+if (window.Notification) {
+  const RealNotification = window.Notification;
+  window.Notification = class extends RealNotification {
+    constructor(title, options = {}) {
+      super(title, options);
+      window.__notes.push({ title, body: options.body });
+    }
+  };
+}
+"""
+INSECURE_CONTEXT = """
+Object.defineProperty(window, "isSecureContext", { get: () => false });
+"""
+
+
+def test_notifications_and_the_chime_while_the_tab_is_hidden(browser_room, people):
+    # Zed asks for desktop notifications (his browser allows them on 127.0.0.1) and a chime only
+    # while the tab is hidden. Hidden, a message from someone else chimes and notifies with its
+    # sender and text; visible, neither. The choice survives a reload. On a page that is not a
+    # secure context (plain http:// on a LAN address) the box cannot be ticked, and says why.
+    zed = people(browser_room, init_script=EMULATE_VISIBILITY + RECORD_CHIMES
+                 + RECORD_NOTIFICATIONS)
+    zed.context.grant_permissions(["notifications"], origin=zed.url.rstrip("/"))
+    page = zed.page
+    zed.open_side()
+    page.locator("#chime").select_option("hidden")
+    box = page.locator("#notify")
+    box.check()
+    expect(box).to_be_checked()
+    seen = unique("while Zed looks")
+    zed.caught_up(someone_says(browser_room, seen))
+    assert zed.plays() == [] and page.evaluate("window.__notes") == [], "it alerted a visible tab"
+
+    page.evaluate("window.__setHidden(true)")
+    hidden = unique("while Zed is away")
+    someone_says(browser_room, hidden)
+    zed.settled_plays()
+    wait_until(lambda: page.evaluate("window.__notes"), timeout=5, message="a notification")
+    notes = page.evaluate("window.__notes")
+    assert len(notes) == 1 and notes[0]["body"] == hidden and notes[0]["title"].startswith(
+        "Guest "), notes
+    page.evaluate("window.__setHidden(false)")
+    zed.reload()
+    expect(page.locator("#notify")).to_be_checked()
+    expect(page.locator("#chime")).to_have_value("hidden")
+
+    lan = people(browser_room, init_script=INSECURE_CONTEXT)
+    lan.open_side()
+    expect(lan.page.locator("#notify")).to_be_disabled()
+    expect(lan.page.locator("#notify")).to_have_accessible_description(
+        re.compile(r"only on https:// or on this computer \(http://localhost"))
