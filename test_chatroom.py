@@ -4152,3 +4152,62 @@ def test_notifications_and_the_chime_while_the_tab_is_hidden(browser_room, peopl
     expect(lan.page.locator("#notify")).to_be_disabled()
     expect(lan.page.locator("#notify")).to_have_accessible_description(
         re.compile(r"only on https:// or on this computer \(http://localhost"))
+
+
+def away_marker_row(page):
+    """The id of the message row that holds the "New since you were away" marker, if one does."""
+    return page.evaluate("""() => { const markers = document.querySelectorAll("#messages .away");
+        if (markers.length > 1) return "more than one marker";
+        return markers.length ? Number(markers[0].closest("li").dataset.id) : null; }""")
+
+
+def test_new_since_you_were_away_and_your_place_and_draft_kept(start_server, people):
+    # Abi's tab is hidden while two messages come: back, "New since you were away" stands at the
+    # first of them; away again, it moves to the next one that comes meanwhile. She closes the
+    # room, three messages come, she opens it again: the marker stands at the first of those,
+    # at the top of the log. Her half-written draft and her place, scrolled back in a room of
+    # 60 messages, are where she left them after a reload.
+    server = start_server()
+    store_messages(server, [(i, f"before #{i}", int(time.time() * 1000)) for i in range(1, 61)])
+    abi = people(server, init_script=EMULATE_VISIBILITY, viewport={"width": 1000, "height": 600})
+    page = abi.page
+    abi.caught_up(60)
+    assert away_marker_row(page) is None
+    page.evaluate("window.__setHidden(true)")
+    first = someone_says(server, unique("while Abi is away"))
+    abi.caught_up(someone_says(server, unique("and this too")))
+    page.evaluate("window.__setHidden(false)")
+    assert away_marker_row(page) == first
+    expect(page.locator("#messages .away")).to_have_text("New since you were away")
+    seen = someone_says(server, unique("while Abi looks"))
+    abi.caught_up(seen)
+    assert away_marker_row(page) == first, "a message read as it came moved the marker"
+    page.evaluate("window.__setHidden(true)")
+    later = someone_says(server, unique("while Abi is away again"))
+    abi.caught_up(later)
+    page.evaluate("window.__setHidden(false)")
+    assert away_marker_row(page) == later
+
+    page.close()
+    missed = [someone_says(server, unique(f"missed #{number}")) for number in range(3)]
+    page = abi.context.new_page()
+    page.goto(abi.url)
+    expect(page.locator(f'#messages li[data-id="{missed[-1]}"]')).to_have_count(1)
+    assert away_marker_row(page) == missed[0]
+    expect(page.locator("#messages .away")).to_be_in_viewport()
+
+    page.locator("#text").fill("half-written, not to be lost")
+    scroll_log(page, 0.3)
+    place = page.evaluate(SCROLL_PLACE)
+    page.reload()
+    expect(page.locator("#status")).to_have_text("Connected")
+    expect(page.locator("#text")).to_have_value("half-written, not to be lost")
+    wait_until(lambda: page.evaluate(SCROLL_PLACE)["id"] == place["id"], timeout=5,
+               message=f"message {place['id']} at the top of the log again")
+    assert abs(page.evaluate(SCROLL_PLACE)["above"] - place["above"]) < 2
+
+
+SCROLL_PLACE = """() => { const top = document.getElementById("log").getBoundingClientRect().top;
+    const row = [...document.querySelectorAll("#messages li[data-id]")].find(
+        (each) => each.getBoundingClientRect().bottom > top);
+    return { id: Number(row.dataset.id), above: top - row.getBoundingClientRect().top }; }"""
