@@ -4211,3 +4211,31 @@ SCROLL_PLACE = """() => { const top = document.getElementById("log").getBounding
     const row = [...document.querySelectorAll("#messages li[data-id]")].find(
         (each) => each.getBoundingClientRect().bottom > top);
     return { id: Number(row.dataset.id), above: top - row.getBoundingClientRect().top }; }"""
+
+
+def test_a_mention_of_your_name_is_marked_said_and_chimes(browser_room, people):
+    # Cai, whose chime rings only while the tab is hidden, is looking at the room when someone
+    # writes "@cai ..." (any case): the message is marked as one that mentions her, the mention
+    # is highlighted, a screen reader hears who mentioned her, and the chime rings even so.
+    # "@Cai2..." (someone else) and her own "@Cai" do not count.
+    cai = people(browser_room, init_script=RECORD_CHIMES + RECORD_ANNOUNCEMENTS)
+    name = unique("Cai")
+    cai.rename(name)
+    cai.open_side()
+    cai.page.locator("#chime").select_option("hidden")
+    cai.close_side()
+    cai.say(f"I am @{name}")
+    other = f"not you: @{name}2"
+    cai.caught_up(someone_says(browser_room, other))
+    assert cai.plays() == [], "a message for someone else chimed"
+    expect(cai.row(other)).not_to_have_class(re.compile(r"\bmentions-me\b"))
+    expect(cai.row(f"I am @{name}")).not_to_have_class(re.compile(r"\bmentions-me\b"))
+    cai.page.evaluate("window.__announced = []")
+    text = f"hey @{name.upper()}, look at this"
+    someone_says(browser_room, text)
+    row = cai.row(text)
+    expect(row).to_have_class(re.compile(r"\bmentions-me\b"))
+    expect(row.locator("mark")).to_have_text(f"@{name.upper()}")
+    assert [play["src"] for play in cai.settled_plays()], "the mention did not chime"
+    said = [said for region, said in cai.announced() if region == "mention-said"]
+    assert len(said) == 1 and re.fullmatch(r"Guest \d+ mentioned you\.", said[0]), said
