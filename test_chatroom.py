@@ -3125,7 +3125,8 @@ SCROLL_LOG_TO_THE_TOP = """() => {
   const log = document.getElementById("log");
   log.scrollTop = 0;
   const row = log.querySelector("li[data-id]");
-  return { id: row.dataset.id, top: row.getBoundingClientRect().top };
+  // Its text: the row itself may lose its name line, joined to a group by older messages.
+  return { id: row.dataset.id, top: row.querySelector(".text").getBoundingClientRect().top };
 }"""
 DAYS_AND_THEIR_FIRST_MESSAGE = """() => [...document.querySelectorAll("#messages li.day")].map(
   (day) => [day.textContent, Number(day.nextElementSibling.dataset.id)])"""
@@ -3184,8 +3185,8 @@ def test_scrolling_to_the_top_brings_older_messages_in_place(start_server, peopl
         expect(beginning).to_be_hidden()
         place = page.evaluate(SCROLL_LOG_TO_THE_TOP)
         expect(rows).to_have_count(count)
-        now_at = page.locator(f'#messages li[data-id="{place["id"]}"]').evaluate(
-            "row => row.getBoundingClientRect().top")
+        now_at = page.locator(f'#messages li[data-id="{place["id"]}"] .text').evaluate(
+            "text => text.getBoundingClientRect().top")
         assert abs(now_at - place["top"]) < 1, \
             f"the message at the top jumped from {place['top']} to {now_at} px"
     expect(beginning).to_have_text("This is the beginning of the room.")
@@ -4239,3 +4240,38 @@ def test_a_mention_of_your_name_is_marked_said_and_chimes(browser_room, people):
     assert [play["src"] for play in cai.settled_plays()], "the mention did not chime"
     said = [said for region, said in cai.announced() if region == "mention-said"]
     assert len(said) == 1 and re.fullmatch(r"Guest \d+ mentioned you\.", said[0]), said
+
+
+def test_messages_in_a_row_from_one_person_are_grouped(start_server, people):
+    # In Dee's room one person wrote at 8:00 pm and 8:01 pm, and again at 8:30 pm. Then Eli
+    # writes twice, someone else once, Eli once more. A run from one person within 5 minutes
+    # shows one name and time, over its first message; each message keeps its own row, a
+    # screen reader still hears who said it, and its time shows on hover.
+    server = start_server()
+    store_messages(server, [(1, "at eight", evening_in_los_angeles(1)),
+                            (2, "a minute later", evening_in_los_angeles(1, 60)),
+                            (3, "half an hour later", evening_in_los_angeles(1, 1800))])
+    dee = people(server, **IN_LOS_ANGELES)
+    eli = new_client(server)
+    said = [unique("Eli one"), unique("Eli two")]
+    for text in said:
+        assert eli.post(text).status == 201
+    between = unique("someone between")
+    someone_says(server, between)
+    last = unique("Eli again")
+    time.sleep(3.1)  # the room allows Eli 2 messages in 3 s
+    assert eli.post(last).status == 201
+    texts = ["at eight", "a minute later", "half an hour later", *said, between, last]
+    dee.sees(last)
+    grouped = {text: "continued" in (dee.row(text).get_attribute("class") or "")
+               for text in texts}
+    assert grouped == {"at eight": False, "a minute later": True, "half an hour later": False,
+                       said[0]: False, said[1]: True, between: False, last: False}, grouped
+    row = dee.row(said[1])
+    expect(row.locator(".name")).not_to_be_in_viewport()  # hidden from the eye only
+    expect(row.locator(".name")).to_have_text(re.compile(r"^Guest \d+$"))
+    opacity = "time => getComputedStyle(time).opacity"
+    assert row.locator("time").evaluate(opacity) == "0"
+    row.hover()
+    wait_until(lambda: row.locator("time").evaluate(opacity) == "1", timeout=5,
+               message="the time on hover")
