@@ -3584,17 +3584,19 @@ def hit_the_rate_limit(person):
 
 
 def test_axe_finds_nothing_in_any_state(start_server, people):
-    # axe-core audits the page in five states (an empty room, messages, the name editor open, the
-    # rate-limit notice shown, and reading back at the top of the log, with links, days, "1 new
-    # message" and the panel on the long-poll open), on a laptop and a phone, in the light and
-    # the dark theme: it finds no violation.
+    # axe-core audits the page in six states (an empty room, messages, the name editor open, the
+    # rate-limit notice shown, reading back at the top of the log, with links, days, "1 new
+    # message" and the panel on the long-poll open, and back from a time away: the away marker, a
+    # mention, a group, a rename notice, a message waiting to be sent, a draft over the limit and
+    # the connection lost), on a laptop and a phone, in the light and the dark theme: it finds
+    # no violation.
     if Axe is None:
         browser_unavailable("axe-playwright-python is not installed")
     server = start_server()
     # axe-core is injected as a script, which the page's Content-Security-Policy refuses: these
     # contexts bypass the policy, and serve this audit only (the CSP is tested on normal ones).
     screens = {f"{width}x{height} {scheme}": people(
-                   server, bypass_csp=True, color_scheme=scheme,
+                   server, bypass_csp=True, color_scheme=scheme, init_script=EMULATE_VISIBILITY,
                    viewport={"width": width, "height": height})
                for width, height in ((1100, 700), (390, 844)) for scheme in ("light", "dark")}
     found = {}
@@ -3633,6 +3635,35 @@ def test_axe_finds_nothing_in_any_state(start_server, people):
         expect(person.page.locator("#jump")).to_be_visible()
         expect(person.page.locator("#panel-done li")).not_to_have_count(0)
     audit("reading back, the panel open")
+
+    for person in screens.values():
+        person.close_side()
+        person.page.evaluate("window.__setHidden(true)")
+    for person in screens.values():
+        someone_says(server, f"@{person.my_name()} are you there?")
+    grouper = new_client(server)
+    for text in ("One of two in a row", "Two of two in a row"):
+        assert grouper.post(text).status == 201
+    for person in screens.values():
+        person.sees("Two of two in a row")
+        person.page.evaluate("window.__setHidden(false)")
+        person.page.locator("#messages li.mentions-me").first.scroll_into_view_if_needed()
+        expect(person.page.locator("#messages .away")).to_have_count(1)
+        expect(person.page.locator("#messages li.continued")).not_to_have_count(0)
+        person.page.locator("#text").fill("x" * 2001)
+        expect(person.page.locator("#length")).to_have_class("over")
+    server.stop()
+    for person in screens.values():
+        expect(person.page.locator("#retry")).to_be_visible()
+        person.page.locator("#text").fill("Waiting to be sent")
+        person.page.locator("#text").press("Enter")
+        expect(person.page.locator("#outbox li")).not_to_have_count(0)
+        person.page.locator("#text").fill("x" * 2001)
+        # A rename notice, as the server is to send them, drawn by the page's own code.
+        person.page.evaluate("""() => showMessages([{ id: 1e9, user: "0123456789abcdef",
+            name: "Frances", text: "Guest 3115 is now Frances", time: Date.now(),
+            kind: "rename", old_name: "Guest 3115" }])""")
+    audit("back from a time away, the connection lost")
     assert found == {}, "\n".join(f"{where}: {line}" for where, lines in found.items()
                                   for line in lines)
 
