@@ -4361,3 +4361,31 @@ def test_a_rename_shows_in_the_log_of_others(browser_room, people):
     hal.rename(new_name)
     expect(ida.page.locator("#messages li.rename").filter(
         has_text=exactly(f"{old_name} is now {new_name}"))).to_have_count(1)
+
+
+def test_the_same_words_twice_are_two_messages(browser_room, people):
+    # Kit sends "ok" and at once "ok" again: both are sent and shown, once each; the reply to
+    # the first is not taken for the second. (Kit's polls after the first are held back, so the
+    # replies to his posts are what brings his messages.)
+    kit = people(browser_room)
+    held = []  # routes left unanswered: the page's poll waits, as for a slow answer
+
+    def hold_polls(route):
+        if "since=" in route.request.url:
+            held.append(route)
+        else:
+            route.continue_()
+
+    kit.page.route("**/api/poll*", hold_polls)
+    kit.reload()
+    text = unique("ok")
+    # Both sent in one go, so that the second waits in the outbox while the first is answered.
+    kit.page.evaluate("""text => { const box = document.getElementById("text");
+        for (let time = 0; time < 2; time++) {
+          box.value = text;
+          document.getElementById("composer").requestSubmit();
+        } }""", text)
+    expect(kit.row(text)).to_have_count(2)
+    expect(kit.page.locator("#outbox li")).to_have_count(0)
+    assert stored_texts(browser_room, text) == 2
+    kit.page.unroute_all(behavior="ignoreErrors")  # the polls held back go on
