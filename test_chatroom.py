@@ -3014,9 +3014,9 @@ def test_online_list_shows_arrivals_and_departures(start_server, people):
 def test_rate_limit_keeps_the_text_and_counts_down(browser_room, people):
     # Ivy sends three messages fast (the limit is 2 in 3 s): the third is refused with a notice
     # saying when she may post again, and her text waits at the end of the log; once the notice
-    # says she can, it goes through by itself. A screen reader hears the limit once and then once that she can post
-    # again, not every second of the countdown; the notice is not left in red, and the message
-    # box does not move when it appears.
+    # says she can, it goes through by itself. A screen reader hears the limit once and then
+    # once that she can post again, not every second of the countdown; the notice is not left
+    # in red, and the message box does not move when it appears.
     ivy = people(browser_room, init_script=RECORD_ANNOUNCEMENTS)
     ivy.say(unique("Ivy one"))
     ivy.say(unique("Ivy two"))
@@ -3248,8 +3248,8 @@ def test_reading_back_is_not_yanked_and_the_newest_is_a_click_away(start_server,
     # bottom. Abe's keyboard comes up (the window gets shorter): the newest stays in view.
     # Scrolled up, new messages leave the log where it is, and "2 new messages" appears at its
     # bottom; clicking it (Zoe presses Enter on it) shows the newest, and it goes, leaving the
-    # keyboard on the newest message. Scrolling down to the bottom clears it too, and the next time the count
-    # starts again from one.
+    # keyboard on the newest message. Scrolling down to the bottom clears it too, and the next
+    # time the count starts again from one.
     server = start_server()
     store_messages(server, [(i, f"earlier #{i}", int(time.time() * 1000)) for i in range(1, 41)])
     for _ in range(3):
@@ -3683,8 +3683,8 @@ def assert_visibly_focused(page):
 
 def test_keyboard_only(browser_room, people):
     # Pia uses only the keyboard: Tab reaches the message log (a message), the message box,
-    # Send, the chime setting and her name in that order, each visibly focused and named; the name editor
-    # works by keyboard.
+    # Send, the chime setting and her name in that order, each visibly focused and named; the
+    # name editor works by keyboard.
     said = unique("for Pia to read")  # an empty log has nothing to stop at
     someone_says(browser_room, said)
     pia = people(browser_room)
@@ -3994,9 +3994,9 @@ def test_a_phone_gives_the_log_its_height_and_keeps_the_box_in_view(browser_room
     box.fill("\n".join(f"line {number}" for number in range(1, 7)))
     for height, lines in ((844, 6), (560, 4)):
         page.set_viewport_size({"width": 390, "height": height})
-        shown = box.evaluate("""box => (box.clientHeight - parseFloat(getComputedStyle(box).paddingTop)
-            - parseFloat(getComputedStyle(box).paddingBottom))
-            / parseFloat(getComputedStyle(box).lineHeight)""")
+        shown = box.evaluate("""box => { const style = getComputedStyle(box);
+            const padding = parseFloat(style.paddingTop) + parseFloat(style.paddingBottom);
+            return (box.clientHeight - padding) / parseFloat(style.lineHeight); }""")
         assert shown >= lines - 0.1, f"at 390x{height} the box shows {shown:.1f} lines of 6"
         for selector in ("#text", "#send"):
             expect(page.locator(selector)).to_be_in_viewport(ratio=1)
