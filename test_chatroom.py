@@ -3914,9 +3914,9 @@ def test_two_people_with_one_name_are_told_apart(browser_room, people):
 def test_an_outage_is_counted_down_said_once_and_retried_at_will(start_server, people):
     # The server stops under Tia's page. A screen reader hears "Connection lost." once, not every
     # retry; the status counts down to the next retry, second by second, never from more than 5 s;
-    # the online list is greyed and its count unknown. The server comes back; Tia presses "Retry
-    # now" and the page asks at once, says "Connected again." once, lists who is online, and
-    # the keyboard goes on in the message box.
+    # the online list is greyed and its count unknown. Tia presses "Retry now": the page asks at
+    # once. The server comes back: the page says "Connected again." once, lists who is online,
+    # and the keyboard, left on the button that went, goes on in the message box.
     server = start_server()
     tia = people(server, init_script=RECORD_ANNOUNCEMENTS)
     page, status = tia.page, tia.page.locator("#status")
@@ -3938,14 +3938,15 @@ def test_an_outage_is_counted_down_said_once_and_retried_at_will(start_server, p
     assert any(later == earlier - 1 for earlier, later in zip(seen, seen[1:])), \
         f"the countdown does not tick: {seen}"
 
-    server.start(server.port)
     wait_until(lambda: re.search(r"Retrying in [3-9] s", status.text_content()),
                timeout=15, message="a wait of 3 s or more")
     retry.focus()
     with page.expect_request(lambda request: request.url.split("?")[0].endswith("/api/poll"),
                              timeout=1500):
-        page.keyboard.press("Enter")
-    expect(status).to_have_text("Connected")
+        page.keyboard.press("Enter")  # at once, not when the wait ends
+
+    server.start(server.port)
+    expect(status).to_have_text("Connected", timeout=10_000)
     expect(retry).to_be_hidden()
     expect(page.locator("#text")).to_be_focused()
     expect(page.locator("#online")).not_to_have_class("stale")
