@@ -4887,8 +4887,6 @@ def test_a_rename_notice_is_shown_quietly(browser_room, people):
     assert message_ids(page)[-2:] == [notice_id, after_id]
 
 
-@pytest.mark.xfail(strict=True, reason="the server does not yet send rename notices in the "
-                                       "poll's and the history's messages")
 def test_a_rename_shows_in_the_log_of_others(browser_room, people):
     # Hal renames himself: Ida's log shows "Guest N is now <his new name>", by the real server.
     hal, ida = people(browser_room), people(browser_room)
