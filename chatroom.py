@@ -133,9 +133,16 @@ MAX_BODY_BYTES = 16 * 1024  # a JSON body larger than this is refused unread (th
 #                             fits twice over as a browser's JSON.stringify sends it: 2000
 #                             characters of at most 4 bytes each)
 
-# Rate limits: at most COUNT messages in any SECONDS, for each (COUNT, SECONDS) pair. Short windows
-# stop a burst, long ones a steady flood; a person chatting keeps well inside them all.
-RATE_LIMITS = [(2, 3), (3, 10), (8, 60), (50, 600)]
+# Rate limits: at most COUNT messages in any SECONDS, for each (COUNT, SECONDS) pair (--rate-limits
+# sets others). The short window lets a few quick lines through in a row and stops a burst; the
+# longer ones stop a steady flood (one a second at most, kept up), while a person chatting, even
+# briskly, keeps inside them all. (The windows of the original example, 2/3, 3/10, 8/60, 50/600,
+# stopped people in ordinary conversation.)
+RATE_LIMITS = [(5, 5), (30, 60), (200, 600)]
+
+# A post may carry an Idempotency-Key header: a key the page made for this message, sent again
+# with every retry, so that a post whose response was lost can be sent again and is stored once.
+IDEMPOTENCY_KEY = re.compile(r"[!-~]{1,64}")  # 1 to 64 visible ASCII characters
 
 # Identity.
 SESSION_COOKIE = "sid"
@@ -143,7 +150,7 @@ SESSION_MAX_AGE = 365 * 24 * 3600  # seconds the browser keeps the cookie
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{32}")  # what secrets.token_urlsafe(24) produces
 
 # Storage.
-SCHEMA_VERSION = 1  # stored in the file as PRAGMA user_version, so we never touch a foreign file
+SCHEMA_VERSION = 2  # stored in the file as PRAGMA user_version, so we never touch a foreign file
 STORAGE_BUSY_TIMEOUT = 1.0  # seconds SQLite waits for a lock held elsewhere before a write fails:
 #                             a post fails (503) rather than wait longer than a person would
 
@@ -276,9 +283,16 @@ class Room:
 
     # --- Changing the room ------------------------------------------------------------------------
 
-    def add_message(self, user, text):
-        """Save a message, then publish it. Raises StorageError, having published nothing."""
-        with self._write_lock:
+    def add_message(self, user, text, key=None):
+        """Save a message, then publish it. Raises StorageError, having published nothing.
+
+        Returns (the message, True); or, if this person's post with the same Idempotency-Key
+        `key` was stored already, (that message, False), and nothing is stored again.
+        """
+        with self._write_lock:  # (looked for under the lock: two posts with one key store one)
+            stored = key and self.storage.message_for_key(user.id, key)
+            if stored:
+                return stored, False
             message = {
                 "id": self.version + 1,  # a message's id is the version its arrival created
                 "user": user.id,
@@ -286,17 +300,28 @@ class Room:
                 "text": text,
                 "time": int(time.time() * 1000),
             }
-            self.storage.save_message(message, user)
+            self.storage.save_message(message, user, key)
             self.publish(message["id"], message=message)
-        return message
+        return message, True
 
     def rename(self, user, name):
-        """Save a user's new name, then publish it. Raises StorageError, having changed nothing."""
+        """Save a user's new name, with a notice of it for the room, then publish both. Raises
+        StorageError, having changed nothing."""
         with self._write_lock:
-            version = self.version + 1
-            self.storage.save_name(user, name, version)
+            if name == user.name:
+                return  # nothing changes, so there is nothing to announce
+            notice = {
+                "id": self.version + 1,
+                "user": user.id,
+                "name": name,
+                "text": f"{user.name} is now {name}",
+                "time": int(time.time() * 1000),
+                "kind": "rename",
+                "old_name": user.name,
+            }
+            self.storage.save_name(user, notice)
             user.name = name
-            self.publish(version, online=self.presence.online_list())
+            self.publish(notice["id"], message=notice, online=self.presence.online_list())
 
     def refresh_presence(self):
         """Publish the online list if it changed since it was last published. True if it did.
@@ -319,8 +344,8 @@ class Room:
     def publish(self, version, message=None, online=None):
         """Make a saved change visible: move the version on, and wake every parked poll.
 
-        `message` is the message the change added, if any: the pages read it from the disk, so
-        the room needs only its version. `online` is the new online list, if it changed.
+        `message` is the message (or rename notice) the change added, if any: the pages read it
+        from the disk, so the room needs only its version. `online` is the new online list, if it changed.
         """
         with self.changed:
             self.version = version
@@ -496,7 +521,7 @@ class StorageError(Exception):
     """The data file could not be read or written. Nothing was acknowledged."""
 
 
-SCHEMA = f"""
+SCHEMA = """
 BEGIN;
 CREATE TABLE room (version INTEGER NOT NULL);
 INSERT INTO room VALUES (0);
@@ -508,7 +533,17 @@ CREATE TABLE messages (
     text TEXT NOT NULL,
     time INTEGER NOT NULL
 );
-PRAGMA user_version = {SCHEMA_VERSION};
+PRAGMA user_version = 1;
+COMMIT;
+"""
+# Version 2 adds, beside the messages: the keys posts came with (one message per person and key),
+# and which messages are rename notices ("Guest 3115 is now Frances"), with the name before.
+SCHEMA_2 = """
+BEGIN;
+CREATE TABLE post_keys (user TEXT NOT NULL, key TEXT NOT NULL, message INTEGER NOT NULL,
+                        PRIMARY KEY (user, key)) WITHOUT ROWID;
+CREATE TABLE renames (id INTEGER PRIMARY KEY, old_name TEXT NOT NULL);
+PRAGMA user_version = 2;
 COMMIT;
 """
 
@@ -563,9 +598,12 @@ class Storage:
             raise StorageError(f"it is not an SQLite database ({error})") from error
         if not tables and version == 0:
             self._writer.executescript(SCHEMA)
-        elif version != SCHEMA_VERSION or not {"room", "users", "messages"} <= tables:
+            version = 1
+        elif version not in (1, SCHEMA_VERSION) or not {"room", "users", "messages"} <= tables:
             raise StorageError("it is an SQLite database, but not one this chat room made "
                                f"(schema version {version}, tables {sorted(tables)})")
+        if version == 1:  # a new file, or one an older chatroom.py made: bring it up to date
+            self._writer.executescript(SCHEMA_2)
 
     def close(self):
         """Close the file, once no thread is using it (see the class's docstring)."""
@@ -576,17 +614,24 @@ class Storage:
 
     # --- Writing (one thread at a time: the caller holds Room's write lock) -----------------------
 
-    def save_message(self, message, user):
-        self._write([
+    def save_message(self, message, user, key=None):
+        statements = [
             ("INSERT INTO messages VALUES (:id, :user, :name, :text, :time)", message),
             ("INSERT OR IGNORE INTO users VALUES (?, ?, ?)", (user.sid, user.id, user.name)),
             ("UPDATE room SET version = ?", (message["id"],)),
-        ])
+        ]
+        if key is not None:
+            statements.append(("INSERT INTO post_keys VALUES (?, ?, ?)",
+                               (user.id, key, message["id"])))
+        self._write(statements)
 
-    def save_name(self, user, name, version):
+    def save_name(self, user, notice):
+        """A new name, with the notice of it that the room shows (a message of kind "rename")."""
         self._write([
-            ("INSERT OR REPLACE INTO users VALUES (?, ?, ?)", (user.sid, user.id, name)),
-            ("UPDATE room SET version = ?", (version,)),
+            ("INSERT OR REPLACE INTO users VALUES (?, ?, ?)", (user.sid, user.id, notice["name"])),
+            ("INSERT INTO messages VALUES (:id, :user, :name, :text, :time)", notice),
+            ("INSERT INTO renames VALUES (?, ?)", (notice["id"], notice["old_name"])),
+            ("UPDATE room SET version = ?", (notice["id"],)),
         ])
 
     def save_version(self, version):
@@ -622,15 +667,20 @@ class Storage:
     def latest_messages(self, upto, count):
         """The last `count` messages with id <= upto, oldest first."""
         rows = self._read_all(
-            "SELECT * FROM messages WHERE id <= ? ORDER BY id DESC LIMIT ?", (upto, count))
+            f"{MESSAGES} WHERE id <= ? ORDER BY id DESC LIMIT ?", (upto, count))
         return [message_from_row(row) for row in reversed(rows)]
 
     def messages_after(self, since, upto, limit):
         """Messages with since < id <= upto, oldest first, at most `limit` of them."""
         rows = self._read_all(
-            "SELECT * FROM messages WHERE id > ? AND id <= ? ORDER BY id LIMIT ?",
-            (since, upto, limit))
+            f"{MESSAGES} WHERE id > ? AND id <= ? ORDER BY id LIMIT ?", (since, upto, limit))
         return [message_from_row(row) for row in rows]
+
+    def message_for_key(self, user_id, key):
+        """The message a person's post with this Idempotency-Key stored, or None."""
+        row = self._read_one(f"{MESSAGES} WHERE id = (SELECT message FROM post_keys "
+                             "WHERE user = ? AND key = ?)", (user_id, key))
+        return message_from_row(row) if row else None
 
     def _read_one(self, sql, parameters=()):
         return self._read(sql, parameters, lambda cursor: cursor.fetchone())
@@ -648,9 +698,17 @@ class Storage:
                 raise StorageError(error) from error
 
 
+# Each message, and the name before if it is a rename notice.
+MESSAGES = ("SELECT messages.id, user, name, text, time, old_name "
+            "FROM messages LEFT JOIN renames USING (id)")
+
+
 def message_from_row(row):
-    message_id, user_id, name, text, sent = row
-    return {"id": message_id, "user": user_id, "name": name, "text": text, "time": sent}
+    message_id, user_id, name, text, sent, old_name = row
+    message = {"id": message_id, "user": user_id, "name": name, "text": text, "time": sent}
+    if old_name is not None:
+        message.update(kind="rename", old_name=old_name)
+    return message
 
 
 def encode_json(value, encoder=json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))):
@@ -812,21 +870,38 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         self.send_json(200, {"messages": self.server.room.storage.latest_messages(upto, limit)})
 
     def post_message(self, query):
-        """POST /api/messages {"text": ...}: check, rate-limit, save and announce a message."""
+        """POST /api/messages {"text": ...}: check, rate-limit, save and announce a message.
+
+        With an Idempotency-Key header, a retry of a post that was stored (its response lost
+        on the way) gets the stored message back, 201 again, and is neither stored nor counted
+        against the rate limit a second time; the same key with another text is refused (422).
+        """
         user = self.required_user()
+        key = self.headers.get("idempotency-key")
+        if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
+            raise RequestError(400, "The Idempotency-Key header must be 1 to 64 visible ASCII "
+                                    "characters.")
         text = self.read_json_field("text")
         check_text(text, "message", MAX_TEXT_LENGTH)
         if not text.strip():
             raise RequestError(400, "The message is empty.")
+        stored = key and self.server.room.storage.message_for_key(user.id, key)
+        if stored:
+            self.send_stored_message(stored, text)
+            return
         self.count_post(user)
         try:
-            message = self.server.room.add_message(user, text)
+            message, new = self.server.room.add_message(user, text, key)
         except StorageError as error:
             self.uncount_post(user)
             self.log_message("could not save a message: %s", error)
             raise RequestError(503, "The server could not save your message, so it was not "
                                     "sent. Please try again in a moment.",
                                headers=[("Retry-After", "1")]) from error
+        if not new:  # the same post, sent twice at once: the other one stored it
+            self.uncount_post(user)
+            self.send_stored_message(message, text)
+            return
         self.send_json(201, {"message": message})
 
     def count_post(self, user):
@@ -841,8 +916,16 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
                 retry_after=round(wait, 3), limit={"count": count, "seconds": seconds})
 
     def uncount_post(self, user):
-        """Take back a counted post: it could not be saved, so it does not count."""
+        """Take back a counted post: it was not stored (or stored already), so it does not
+        count."""
         self.server.limiter.refund(user.id)
+
+    def send_stored_message(self, stored, text):
+        """Answer a retried post with the message its first try stored."""
+        if stored["text"] != text:
+            raise RequestError(422, "This Idempotency-Key was used for another message: make a "
+                                    "new key for each new message.")
+        self.send_json(201, {"message": stored})
 
     def post_name(self, query):
         """POST /api/name {"name": ...}: change the name shown with your messages."""
@@ -1304,9 +1387,9 @@ class BroadcastRoomMixin:
 
     # --- Changing the room, and answering the pending polls ---------------------------------------
 
-    def add_message(self, user, text):
+    def add_message(self, user, text, key=None):
         self.wake_next_if_owed()  # saving may wait for the disk
-        return super().add_message(user, text)
+        return super().add_message(user, text, key)
 
     def rename(self, user, name):
         self.wake_next_if_owed()  # saving may wait for the disk
@@ -1803,7 +1886,7 @@ NEW_SESSIONS_PER_PERSON = 2  # cookies an address may be given at once, for each
 NEW_SESSION_EVERY = 30.0  # ... one more every this many seconds, per person (so one a second for
 #                           30 people): a person is given a cookie once, and keeps it for a year
 RENAME_LIMITS = [(3, 30), (10, 600)]  # renames by one person, as RATE_LIMITS for messages: a typo
-#                                       fixed twice passes; each rename changes everyone's list
+#                                       fixed twice passes; each rename is a notice to everyone
 MAX_TRACKED = 10_000  # people (or addresses) each rate limit remembers at most: about 1 KB each.
 #                       Past it, the longest remembered are forgotten first
 
@@ -2493,9 +2576,9 @@ def cookie_values(header, name):
 # --- A flood of posts from one address ------------------------------------------------------------
 # Threat: a script with many identities (each issued, at the rate NewSessions allows) posts under
 # each in turn, each within its own limit, and floods the room all the same.
-# Defence: the posts from one address count against the rate limits of --people-per-address
-# people together: 30 people at one address, each posting as fast as their own limit allows,
-# are never refused; a script is held to that.
+# Defence: the posts from one address count against the rate limits (--rate-limits) of
+# --people-per-address people together: 30 people at one address, each posting as fast as their
+# own limit allows, are never refused; a script is held to that.
 # Proved by: test_one_address_posts_as_fast_as_its_people_and_no_faster
 
 class PostsPerAddressMixin:
@@ -2558,9 +2641,10 @@ class CappedRateLimiterMixin:
 # Threat: renames were unlimited, and each sent the whole online list (70 KB with 1,000 people
 # online) to every parked page at once: two scripted connections made hundreds a second, and the
 # room's responses to everyone slowed tenfold.
-# Defence: a person may rename only so often (RENAME_LIMITS, 429 as for posts); a name that does
-# not change changes nothing; and a rename only marks the online list as changed: the presence
-# thread, which already announces arrivals at most once a second, announces it with them.
+# Defence: a person may rename only so often (RENAME_LIMITS, 429 as for posts; a name that does
+# not change, which changes nothing, is not counted); and a rename's notice goes out at once, but
+# without the online list: the presence thread, which already announces arrivals at most once a
+# second, announces the list with the new names.
 # Proved by: test_renames_are_limited, test_an_unchanged_name_changes_nothing,
 # test_a_rename_storm_reaches_parked_pages_at_most_once_a_second
 
@@ -2599,21 +2683,16 @@ def counted(limiter, key, text):
 
 
 class RenamesAnnouncedWithArrivalsMixin:
-    """Room, leaving renames to the presence thread to announce, with the arrivals."""
+    """Room, leaving the online list after a rename to the presence thread."""
 
-    def rename(self, user, name):
-        """Save the new name; the presence thread announces it (refresh_presence).
-
-        The version does not move: the new name is published with the next online list, which
-        wakes the parked pages at most once a second, however many renames there are.
-        """
-        if name == user.name:
-            return  # nothing to save or announce
-        self.wake_next_if_owed()  # saving may wait for the disk (the relay: section 10)
-        with self._write_lock:
-            self.storage.save_name(user, name, self.version)
-            user.name = name
-        self.presence.names_changed()
+    def publish(self, version, message=None, online=None):
+        """As Part II's, but a rename's notice goes out at once without the online list: the
+        presence thread publishes the list with the new name (refresh_presence), with any
+        arrivals, however many renames come meanwhile."""
+        if message is not None and message.get("kind") == "rename":
+            online = None
+            self.presence.names_changed()
+        super().publish(version, message, online)
 
 
 class RenamesPresenceMixin:
@@ -2652,7 +2731,7 @@ class DefendedServerMixin:
         self.new_sessions = NewSessions(burst=NEW_SESSIONS_PER_PERSON * people,
                                         per_second=people / NEW_SESSION_EVERY)
         self.posts_from = type(limiter)([(count * people, seconds)
-                                         for count, seconds in RATE_LIMITS])
+                                         for count, seconds in limiter.limits])
         self.renames = type(limiter)(RENAME_LIMITS)
         self.open_connections = 0
         self.connections_from = collections.Counter()  # client IP address -> its open connections
@@ -2802,11 +2881,11 @@ def open_room(args, storage, page, chime):
         presence = Presence(args.online_window)
         room = Room(storage, presence, args.log_polls)
         return ChatServer(address, ChatHandler, room, Sessions(storage),
-                          RateLimiter(RATE_LIMITS), page, chime, args)
+                          RateLimiter(args.rate_limits), page, chime, args)
     presence = FullPresence(args.online_window)
     room = FullRoom(storage, presence, args.log_polls)
     return FullServer(address, FullHandler, room, FullSessions(storage, presence),
-                      FullRateLimiter(RATE_LIMITS), page, chime, args)
+                      FullRateLimiter(args.rate_limits), page, chime, args)
 
 
 def parse_arguments(argv):
@@ -2823,6 +2902,12 @@ def parse_arguments(argv):
     parser.add_argument("--online-window", type=float, default=DEFAULT_ONLINE_WINDOW,
                         metavar="SECONDS", help="how long after their last poll someone counts "
                                                 "as online (default %(default)s)")
+    parser.add_argument("--rate-limits", type=rate_limits, metavar="COUNT/SECONDS,...",
+                        default=RATE_LIMITS,
+                        help="how often one person may post: at most COUNT messages in any "
+                             "SECONDS, for each pair (default %s; the original example's were "
+                             "2/3,3/10,8/60,50/600)" % ",".join(f"{count}/{seconds}"
+                                                                for count, seconds in RATE_LIMITS))
     parser.add_argument("--log-polls", action="store_true",
                         help="print a line when a poll parks, when a change answers the waiting "
                              "polls, and when a poll times out: watch long-polling at work")
@@ -2854,6 +2939,18 @@ def parse_arguments(argv):
         parser.error("--plain has none of the defences a room on the network needs: "
                      "it listens on a loopback address only (such as 127.0.0.1)")
     return args
+
+
+def rate_limits(text):
+    """"5/5,30/60" -> [(5, 5), (30, 60)], for --rate-limits."""
+    try:
+        limits = [tuple(int(number) for number in pair.split("/")) for pair in text.split(",")]
+    except ValueError:
+        limits = None
+    if not limits or any(len(pair) != 2 or min(pair) < 1 for pair in limits):
+        raise argparse.ArgumentTypeError(f"{text!r} is not COUNT/SECONDS pairs of positive whole "
+                                         "numbers, separated by commas, such as 5/5,30/60")
+    return limits
 
 
 def is_loopback(host):
