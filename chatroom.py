@@ -22,11 +22,11 @@ room has moved past what its page has, and writes its own page's response. If no
 newest version it has. So a message reaches every open page within milliseconds, while an idle page
 costs one request every 25 seconds: no WebSockets, and no asking every second "anything new?".
 
-    page A                              server                              page B
+    page A                              server                             page B
     GET /api/poll?since=41  ------->    41 is the newest: A's thread waits on the Condition
-                                                          <-------  POST /api/messages {"text": "hi"}
+                                                       <-------  POST /api/messages {"text": "hi"}
                                         B's thread saves "hi" as version 42, and notify_all()
-                                                          ------->  201 {"message": {"id": 42, ...}}
+                                                       ------->  201 {"message": {"id": 42, ...}}
                                         A's thread wakes, and writes what is new since 41:
             <-------  200 {"version": 42, "messages": [{"id": 42, "text": "hi", ...}]}
     GET /api/poll?since=42  ------->    42 is the newest: A's thread waits again
@@ -91,6 +91,9 @@ from urllib.parse import parse_qs
 # ##################################################################################################
 # PART I. THE ROOM
 # ##################################################################################################
+# The whole room, plain and correct. A few of its methods are also the hooks that Parts II and III
+# override (Room.publish, Room.answer, Presence.park, ChatHandler.new_poll, ChatHandler.send):
+# here they do the simplest thing that works.
 
 # ==================================================================================================
 # 1. Settings
@@ -106,7 +109,7 @@ OPEN_FILES = 65536  # open files we ask the system to allow (each connection is 
 #                     thousands of pages, where many systems allow 1024 unless asked
 SHUTDOWN_GRACE = 2.0  # seconds we give requests in progress to finish when the server stops:
 #                      parked polls answer at once, so this is for responses still being written
-SHUTDOWN_CHECK_INTERVAL = 0.01  # seconds between two looks, then, at whether they have finished
+SHUTDOWN_CHECK_INTERVAL = 0.01  # seconds between two looks at whether they have finished
 
 # Long-polling.
 DEFAULT_POLL_TIMEOUT = 25  # seconds a poll stays parked; well under the ~60 s after which proxies
@@ -134,10 +137,10 @@ MAX_BODY_BYTES = 16 * 1024  # a JSON body larger than this is refused unread (th
 #                             characters of at most 4 bytes each)
 
 # Rate limits: at most COUNT messages in any SECONDS, for each (COUNT, SECONDS) pair (--rate-limits
-# sets others). The short window lets a few quick lines through in a row and stops a burst; the
-# longer ones stop a steady flood (one a second at most, kept up), while a person chatting, even
-# briskly, keeps inside them all. (The windows of the original example, 2/3, 3/10, 8/60, 50/600,
-# stopped people in ordinary conversation.)
+# sets others). The short window lets a few quick lines through in a row, as people write, and
+# stops a burst; the longer ones stop a steady flood (one message every 2 s, then every 3 s, kept
+# up), while a person chatting, even briskly, keeps inside them all. (Tighter windows, such as
+# 2/3, 3/10, 8/60, stop people in the middle of an ordinary conversation.)
 RATE_LIMITS = [(5, 5), (30, 60), (200, 600)]
 
 # A post may carry an Idempotency-Key header: a key the page made for this message, sent again
@@ -223,13 +226,13 @@ class Room:
         must hold the lock to wait, and to notify (wake) the waiting threads. wait() lets go of
         the lock while it waits, and takes it back before it returns: so the version cannot
         change between our look at it and our wait, and the thread that changes it cannot miss
-        us. Once back, we look again, in a `while` loop: wait() returns when the time is up too,
-        and a thread woken for one change may find another one's state.
+        us. Once back, we look again, in a `while` loop: wait() also returns when the time is up,
+        and by the time a woken thread has the lock back, the room may have changed again.
 
         A page whose `since` is not the room's version does not wait: it is behind (there is
-        news), or it has nothing yet (None), or it knew a room that is gone, with a newer version
-        (say, the data file was replaced): then it gets a snapshot, at once, instead of waiting
-        for a version that may never come.
+        news), or it has nothing yet (None), or its version is newer than the room's. That page
+        knew a room that is gone (say, the data file was replaced): it gets a snapshot, at once,
+        instead of waiting for a version that may never come.
         """
         deadline = time.monotonic() + timeout
         with self.changed:
@@ -263,6 +266,8 @@ class Room:
             version = self.version
             snapshot = since is None or since > version
             online = self.online if snapshot or self.online_version > since else None
+        # Up to the published version only: a message being saved now is on the disk before it
+        # is published, and no page may see it before then.
         if snapshot:
             messages = self.storage.latest_messages(version, SNAPSHOT_SIZE)
         else:
@@ -289,7 +294,9 @@ class Room:
         Returns (the message, True); or, if this person's post with the same Idempotency-Key
         `key` was stored already, (that message, False), and nothing is stored again.
         """
-        with self._write_lock:  # (looked for under the lock: two posts with one key store one)
+        # Under the write lock: two posts with one key store one message. (Only writers change
+        # the version, and they take turns under this lock: so it is read here without _lock.)
+        with self._write_lock:
             stored = key and self.storage.message_for_key(user.id, key)
             if stored:
                 return stored, False
@@ -345,7 +352,8 @@ class Room:
         """Make a saved change visible: move the version on, and wake every parked poll.
 
         `message` is the message (or rename notice) the change added, if any: the pages read it
-        from the disk, so the room needs only its version. `online` is the new online list, if it changed.
+        from the disk, so the room needs only its version. `online` is the new online list, if it
+        changed.
         """
         with self.changed:
             self.version = version
@@ -416,10 +424,6 @@ class Presence:
         """Those online, sorted by name. The caller holds _lock."""
         return sorted((user for user, _ in self._last_seen.values()),
                       key=lambda user: (user.name.casefold(), user.id))
-
-    def is_online(self, user_id):
-        with self._lock:
-            return user_id in self._last_seen
 
     def wait_until_time_to_look(self, idle):
         """Return when the online list should be looked at again: after `idle` seconds."""
@@ -536,6 +540,8 @@ CREATE TABLE messages (
 PRAGMA user_version = 1;
 COMMIT;
 """
+# A new file is made as version 1 was, then brought up to date like a file made by an older
+# chatroom.py: one way to the present, so that it is always the way that is tested.
 # Version 2 adds, beside the messages: the keys posts came with (one message per person and key),
 # and which messages are rename notices ("Guest 3115 is now Frances"), with the name before.
 SCHEMA_2 = """
@@ -546,6 +552,11 @@ CREATE TABLE renames (id INTEGER PRIMARY KEY, old_name TEXT NOT NULL);
 PRAGMA user_version = 2;
 COMMIT;
 """
+
+
+# Each message, and the name before if it is a rename notice.
+MESSAGES = ("SELECT messages.id, user, name, text, time, old_name "
+            "FROM messages LEFT JOIN renames USING (id)")
 
 
 class Storage:
@@ -559,8 +570,8 @@ class Storage:
     system to flush it): what we acknowledge survives the process being killed, and also the
     machine losing power.
 
-    Each connection has a lock, and close() takes both: a connection closed while another
-    thread is inside it can crash the whole process. After close(), every call raises
+    Each connection also has a lock of its own, and close() takes both: a connection closed
+    while another thread is inside it can crash the whole process. After close(), every call raises
     StorageError, which the handler answers with 503.
     """
 
@@ -572,14 +583,14 @@ class Storage:
             self._check_or_create_schema()
             self._writer.execute("PRAGMA journal_mode = WAL")
             self._writer.execute("PRAGMA synchronous = FULL")
-            self._writer.execute("BEGIN IMMEDIATE")  # fails now, not at the first post, if read-only
+            self._writer.execute("BEGIN IMMEDIATE")  # fails now if read-only, not at a post
             self._writer.execute("COMMIT")
         except sqlite3.Error as error:
             self._writer.close()
             raise StorageError(error) from error
         self._reader = self._connect()
-        self._write_lock = threading.Lock()
-        self._read_lock = threading.Lock()
+        self._writer_lock = threading.Lock()
+        self._reader_lock = threading.Lock()
 
     def _connect(self):
         try:
@@ -607,7 +618,7 @@ class Storage:
 
     def close(self):
         """Close the file, once no thread is using it (see the class's docstring)."""
-        with self._write_lock, self._read_lock:
+        with self._writer_lock, self._reader_lock:
             self.closed = True
             self._reader.close()
             self._writer.close()
@@ -639,7 +650,7 @@ class Storage:
 
     def _write(self, statements):
         """Run statements in one transaction and commit; on any failure, roll back and raise."""
-        with self._write_lock:
+        with self._writer_lock:
             if self.closed:
                 raise StorageError("the data file is closed: the server is stopping")
             try:
@@ -689,18 +700,13 @@ class Storage:
         return self._read(sql, parameters, lambda cursor: cursor.fetchall())
 
     def _read(self, sql, parameters, fetch):
-        with self._read_lock:
+        with self._reader_lock:
             if self.closed:
                 raise StorageError("the data file is closed: the server is stopping")
             try:
                 return fetch(self._reader.execute(sql, parameters))
             except sqlite3.Error as error:
                 raise StorageError(error) from error
-
-
-# Each message, and the name before if it is a rename notice.
-MESSAGES = ("SELECT messages.id, user, name, text, time, old_name "
-            "FROM messages LEFT JOIN renames USING (id)")
 
 
 def message_from_row(row):
@@ -723,6 +729,13 @@ def encode_json(value, encoder=json.JSONEncoder(ensure_ascii=False, separators=(
 # What a read or a write raises when the client hung up or stalled. (socket.timeout is the same as
 # TimeoutError from Python 3.10 on; before, it is another class, so both are named.)
 CLIENT_WENT_AWAY = (ConnectionError, TimeoutError, socket.timeout)
+
+
+# Control characters: C0 (below 32) but tab and newline, DEL, and C1 (0x80 to 0x9f), which
+# terminals and some fonts take as commands.
+CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+DIGITS = re.compile(r"[0-9]+")
+DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 
 
 class RequestError(Exception):
@@ -802,7 +815,7 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
                                            "Please try again in a moment."},
                             [("Retry-After", "1")])
             except CLIENT_WENT_AWAY:
-                raise  # one line in the log, by http.server for a time-out, else by handle_error
+                raise  # http.server logs it in one line (ChatServer.handle_error)
             except Exception:
                 # Through log(), not log_message(), which would flatten the traceback onto one
                 # line; the request line is repr()'d so that it cannot forge lines of its own.
@@ -889,16 +902,17 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         if stored:
             self.send_stored_message(stored, text)
             return
-        self.count_post(user)
-        try:
-            message, new = self.server.room.add_message(user, text, key)
-        except StorageError as error:
-            self.uncount_post(user)
-            self.log_message("could not save a message: %s", error)
-            raise RequestError(503, "The server could not save your message, so it was not "
-                                    "sent. Please try again in a moment.",
-                               headers=[("Retry-After", "1")]) from error
-        if not new:  # the same post, sent twice at once: the other one stored it
+        with self.server.post_in_progress(user, key):
+            self.count_post(user)
+            try:
+                message, new = self.server.room.add_message(user, text, key)
+            except StorageError as error:
+                self.uncount_post(user)
+                self.log_message("could not save a message: %s", error)
+                raise RequestError(503, "The server could not save your message, so it was not "
+                                        "sent. Please try again in a moment.",
+                                   headers=[("Retry-After", "1")]) from error
+        if not new:  # stored between our look and the room's: answered as a retry
             self.uncount_post(user)
             self.send_stored_message(message, text)
             return
@@ -1047,21 +1061,14 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         pass  # not a line for every request, every poll among them: refuse() logs the refusals
 
 
-# Control characters: C0 (below 32) but tab and newline, DEL, and C1 (0x80 to 0x9f), which
-# terminals and some fonts take as commands.
-CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-DIGITS = re.compile(r"[0-9]+")
-DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]+)?")
-
-
 def check_text(value, what, max_length):
     if len(value) > max_length:
         raise RequestError(400, f"The {what} is longer than {max_length} characters.")
     if CONTROL_CHARACTERS.search(value):
         raise RequestError(400, f"The {what} contains control characters.")
     try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
+        value.encode("utf-8")  # JSON's "\ud800" decodes to half a character, which cannot be
+    except UnicodeEncodeError:  # stored or sent
         raise RequestError(400, f"The {what} is not valid Unicode.") from None
 
 
@@ -1069,9 +1076,9 @@ def parse_number(params, name, integer=False):
     """A non-negative number from the query string, or None if it is absent.
 
     Given once, in ASCII digits (with a decimal point if not `integer`): int() and float() also
-    take "+1", " 1", "1_000", "1e3", "nan" and other scripts' digits, and a program in front
-    of us that read the first of two `since=` where we read the last would see another request.
-    Present but empty is as wrong as any other bad number.
+    take "+1", " 1", "1_000", "1e3", "nan" and other scripts' digits. A name given twice is
+    refused: a program in front of us might read the first `since=` where we read the last, and
+    each would answer another request. Present but empty is as wrong as any other bad number.
     """
     values = params.get(name)
     if values is None:
@@ -1121,17 +1128,38 @@ class ChatServer(http.server.ThreadingHTTPServer):
         self.poll_timeout = settings.poll_timeout
         self.stopping = False  # once True, every new request is answered 503
         self._in_progress = set()  # a token for each request being answered
+        self._posts_in_progress = set()  # (user id, Idempotency-Key) of posts being handled
+        self._posts_lock = threading.Lock()
         super().__init__(address, handler)
 
     @contextlib.contextmanager
     def request_in_progress(self):
         """Count the requests being answered, so that stopping can wait for them (see main)."""
         token = object()
-        self._in_progress.add(token)  # (one step of a set: no lock needed, none to queue on)
+        self._in_progress.add(token)  # (one step, which the GIL never splits: no lock needed)
         try:
             yield
         finally:
             self._in_progress.discard(token)
+
+    @contextlib.contextmanager
+    def post_in_progress(self, user, key):
+        """Refuse (409) a post whose Idempotency-Key is in a post of the same person's still
+        being handled: the copy's sender is to ask again in a moment, and will then be answered
+        with the message the first one stored."""
+        if key is None:
+            yield
+            return
+        posting = (user.id, key)
+        with self._posts_lock:
+            if posting in self._posts_in_progress:
+                raise RequestError(409, "This message is being posted already. Please try again "
+                                        "in a moment.", headers=[("Retry-After", "1")])
+            self._posts_in_progress.add(posting)
+        try:
+            yield
+        finally:
+            self._posts_in_progress.discard(posting)
 
     def wait_for_requests(self, timeout):
         """Wait until no request is being answered, or `timeout` seconds: at shutdown only."""
@@ -1148,25 +1176,56 @@ class ChatServer(http.server.ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
+def plain_room(args, storage, page, chime):
+    """The plain server and its room, made of Part I's classes alone (--plain)."""
+    room = Room(storage, Presence(args.online_window), args.log_polls)
+    return ChatServer((args.host, args.port), ChatHandler, room, Sessions(storage),
+                      RateLimiter(args.rate_limits), page, chime, args)
+
+
+def run(server, storage, title="Chat room"):
+    """Serve until Ctrl-C or SIGTERM, then stop without losing or breaking anything."""
+    stop = threading.Event()
+    threading.Thread(target=keep_presence_fresh,
+                     args=(server.room, stop, server.request_in_progress), daemon=True).start()
+    try:
+        host, port = server.server_address[:2]
+        shown_host = f"[{host}]" if ":" in host else host
+        print(f"{title} running at http://{shown_host}:{port}/ (Ctrl-C to stop)", flush=True)
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        # Stopping. A second Ctrl-C or SIGTERM must not cut this short. New requests are
+        # answered 503; parked polls answer now; requests in progress get SHUTDOWN_GRACE to
+        # finish; and the data file is closed once no thread is inside it (Storage.close), so
+        # that a request still running gets a clean 503, never a crash.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stop.set()
+        server.stopping = True
+        server.room.close()
+        server.wait_for_requests(SHUTDOWN_GRACE)
+        server.server_close()
+        storage.close()
+        print("Chat room stopped.", flush=True)
+
+
 def keep_presence_fresh(room, stop, in_progress):
-    """Background thread: publish arrivals and departures, at most every PRESENCE_INTERVAL.
+    """A thread of its own: publish who arrived and who left, once a second at most.
 
     Each look counts as a request in progress (`in_progress`), so that stopping the server
     waits for an online list being published, as for any response.
     """
     while True:
         room.presence.wait_until_time_to_look(idle=PRESENCE_INTERVAL)
-        try:
-            with in_progress():
-                if stop.is_set():  # (looked at once counted: the shutdown waits, or we stop)
-                    return
-                if not room.refresh_presence():
-                    continue
-        except StorageError as error:
-            log(f"could not save a presence change, will retry: {error}")
-        # Changes (and retries) at least PRESENCE_INTERVAL apart, as each wakes every parked
-        # poll; stop.wait(), so that stopping the server is not held up.
-        stop.wait(PRESENCE_INTERVAL)
+        with in_progress():
+            if stop.is_set():  # checked once counted: either the shutdown waits for us, or we stop
+                return
+            try:
+                room.refresh_presence()
+            except StorageError as error:
+                log(f"could not save a presence change, will retry: {error}")
 
 
 def log(text):
@@ -1219,8 +1278,9 @@ ARRIVALS_MAX_WAIT = 2.0  # seconds a newcomer waits for that pause at most, if p
 # every system call (a read of the disk, a write to a socket lets go of it): with a thousand pages,
 # a message costs many thread switches per delivery, and the last page hears the news long after
 # the first.
-# Change: the room keeps the list of pending polls ("the backend uses this list of pending requests
-# to send the corresponding HTTP responses"). The thread that changes the room takes the whole list
+# Change: the room keeps the list of pending polls, and uses it to send their responses (as this
+# design was first described: "the backend uses this list of pending requests to send the
+# corresponding HTTP responses"). The thread that changes the room takes the whole list
 # in one step, writes its own client's response first, then every pending response straight to its
 # socket without waiting for any client (send_now); then it wakes the parked threads one after
 # another, each waking the next when it is about to wait again (the relay), so that one woken
@@ -1733,11 +1793,12 @@ def representations(page):
 # ==================================================================================================
 # 11. Presence for a crowd: the list kept, and arrivals announced together
 # ==================================================================================================
-# Cost: Part I sorts everyone online by name at every look, once a second, and a crowd arriving
-# one by one changes the list at every look: each change wakes every parked poll.
+# Cost: Part I sorts everyone online by name at every look, once a second; and a crowd arriving
+# one by one over several seconds changes the list at every look: each change wakes every parked
+# poll.
 # Change: the sorted list is kept, and made again only when someone arrives or leaves or a name in
-# it changes; newcomers are announced once they pause (ARRIVALS_PAUSE), so a crowd coming in is
-# announced once, when it is in, and a single newcomer sooner than the next look.
+# it changes; and while newcomers keep coming, the list waits until they pause (ARRIVALS_PAUSE),
+# so that a crowd coming in is announced once, when it is in.
 # Measured by: bench_chatroom.py idle (the cost of a quiet room) and crowd.
 
 class QuickPresenceMixin:
@@ -1752,6 +1813,7 @@ class QuickPresenceMixin:
         self._arrivals = threading.Condition(self._lock)
         self._first_arrival = None  # time.monotonic() of the first newcomer since then
         self._last_arrival = None  # and of the latest one
+        self._last_look = time.monotonic()  # when wait_until_time_to_look last returned
 
     def _seen_now(self, user):
         if user.id not in self._last_seen:
@@ -1766,19 +1828,20 @@ class QuickPresenceMixin:
     def wait_until_time_to_look(self, idle):
         """Return when the online list should be looked at again (by Room.refresh_presence).
 
-        If nobody arrives, that is after `idle` seconds. If someone does, it is once newcomers
-        pause (ARRIVALS_PAUSE seconds without another), or ARRIVALS_MAX_WAIT seconds after the
-        first, even if that is later than `idle`.
+        That is `idle` seconds after the last look, as in Part I; but while newcomers keep
+        coming, not before they pause (ARRIVALS_PAUSE seconds without another), or until
+        ARRIVALS_MAX_WAIT seconds after the first.
         """
         with self._arrivals:
-            due = time.monotonic() + idle
+            due = self._last_look + idle
             while True:
                 if self._first_arrival is not None:
-                    due = min(self._last_arrival + ARRIVALS_PAUSE,
-                              self._first_arrival + ARRIVALS_MAX_WAIT)
+                    due = max(due, min(self._last_arrival + ARRIVALS_PAUSE,
+                                       self._first_arrival + ARRIVALS_MAX_WAIT))
                 remaining = due - time.monotonic()
                 if remaining <= 0:
                     self._first_arrival = None
+                    self._last_look = time.monotonic()
                     return
                 self._arrivals.wait(remaining)
 
@@ -1838,8 +1901,9 @@ REFUSAL_LINGER = 2.0  # seconds a refused connection stays open so the client ca
 MAX_LINGERING = 256  # refused connections kept open at once for that; past it they close at once
 
 # Time.
-DEFAULT_REQUEST_TIMEOUT = 10  # seconds from the end of one response until the next request has fully
-#                               arrived: a client that stalls, or sends a byte at a time, is dropped
+DEFAULT_REQUEST_TIMEOUT = 10  # seconds from the end of one response until the next request has
+#                               fully arrived: a client that stalls, or sends a byte at a time, is
+#                               dropped
 MIN_READ_RATE = 16 * 1024  # bytes a second: a client must read a response at least this fast, after
 #                            the grace of --request-timeout, or it is dropped (a slow phone link
 #                            reads far faster)
@@ -2305,7 +2369,8 @@ def security_headers(page):
 # with nothing to read is one whose page has gone, and it stops counting at once. And a person
 # holds at most MAX_PARKED_PER_USER parked polls: a newer one lets their oldest go.
 # Proved by: test_closed_connection_of_a_parked_poll_stops_counting,
-# test_too_many_parked_polls_release_the_oldest, test_releasing_the_oldest_poll_wakes_only_its_thread
+# test_too_many_parked_polls_release_the_oldest,
+# test_releasing_the_oldest_poll_wakes_only_its_thread
 #
 # --- Many people from one script -----------------------------------------------------------------
 # Threat: every new identity is a person to list and to remember, and a script can be many
@@ -2334,6 +2399,10 @@ class WatchfulPresenceMixin:
     def _seen_now(self, user):
         if user.id in self._last_seen or len(self._last_seen) < MAX_ONLINE:
             super()._seen_now(user)
+
+    def is_online(self, user_id):
+        with self._lock:
+            return user_id in self._last_seen
 
     def park(self, poll):
         """Count a poll; return the user's oldest parked poll if they now have too many."""
@@ -2874,17 +2943,11 @@ class FullServer(DefendedServerMixin, FastServerMixin, ChatServer):
     pass
 
 
-def open_room(args, storage, page, chime):
-    """The server and its room: Part I's classes with --plain, the composed ones otherwise."""
-    address = (args.host, args.port)
-    if args.plain:
-        presence = Presence(args.online_window)
-        room = Room(storage, presence, args.log_polls)
-        return ChatServer(address, ChatHandler, room, Sessions(storage),
-                          RateLimiter(args.rate_limits), page, chime, args)
+def full_room(args, storage, page, chime):
+    """The full server and its room, made of the composed classes (plain_room: Part I's)."""
     presence = FullPresence(args.online_window)
     room = FullRoom(storage, presence, args.log_polls)
-    return FullServer(address, FullHandler, room, FullSessions(storage, presence),
+    return FullServer((args.host, args.port), FullHandler, room, FullSessions(storage, presence),
                       FullRateLimiter(args.rate_limits), page, chime, args)
 
 
@@ -2967,7 +3030,8 @@ def read_beside_this_file(name):
     try:
         return path.read_bytes()
     except OSError as error:
-        sys.exit(f"chatroom: cannot read {path} ({error.strerror}); it must be next to chatroom.py.")
+        sys.exit(f"chatroom: cannot read {path} ({error.strerror}); "
+                 "it must be next to chatroom.py.")
 
 
 def stop_on_sigterm(signum, frame):
@@ -2987,36 +3051,11 @@ def main(argv=None):
         sys.exit(f"chatroom: cannot use the data file {args.data!r}: {error}")
     raise_open_file_limit()
     try:
-        server = open_room(args, storage, page, chime)
+        server = (plain_room if args.plain else full_room)(args, storage, page, chime)
     except OSError as error:
         storage.close()
         sys.exit(f"chatroom: cannot listen on {args.host}:{args.port} ({error.strerror})")
-
-    stop = threading.Event()
-    threading.Thread(target=keep_presence_fresh,
-                     args=(server.room, stop, server.request_in_progress), daemon=True).start()
-    try:
-        host, port = server.server_address[:2]
-        shown_host = f"[{host}]" if ":" in host else host
-        print(f"Chat room{' (plain)' if args.plain else ''} running at "
-              f"http://{shown_host}:{port}/ (Ctrl-C to stop)", flush=True)
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        # Stopping: a second Ctrl-C or SIGTERM must not cut this short. New requests are answered
-        # 503; parked polls answer now; requests in progress get SHUTDOWN_GRACE to finish; and the
-        # data file is closed once no thread is inside it (Storage.close), so that a request
-        # still running gets a clean 503, never a crash.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        stop.set()
-        server.stopping = True
-        server.room.close()
-        server.wait_for_requests(SHUTDOWN_GRACE)
-        server.server_close()
-        storage.close()
-        print("Chat room stopped.", flush=True)
+    run(server, storage, "Chat room (plain)" if args.plain else "Chat room")
 
 
 if __name__ == "__main__":
