@@ -64,10 +64,12 @@ import contextlib
 import email.utils
 import gzip
 import hashlib
+import hmac
 import http
 import http.server
 import io
 import ipaddress
+import itertools
 import json
 import math
 import os
@@ -990,8 +992,7 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         user = self.session_user()
         present = user is not None
         if not present:
-            self.new_sid = new_session_id()
-            user = User(self.new_sid)
+            user = User(self.issue_session_id())
         return self.new_poll(user, since), timeout, present
 
     def new_poll(self, user, since):
@@ -1041,30 +1042,39 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
             self.send_stored_message(stored, text)
             return
         with self.server.post_in_progress(user, key):
-            hit = self.server.limiter.limit_hit(user.id)
-            if hit:
-                wait, (count, seconds) = hit
-                raise RequestError(
-                    429, f"You are posting too fast: at most {count} messages in {seconds} "
-                         f"seconds. You can post again in {math.ceil(wait)} s.",
-                    headers=[("Retry-After", str(max(1, math.ceil(wait))))],
-                    retry_after=round(wait, 3), limit={"count": count, "seconds": seconds})
+            self.count_post(user)
             try:
                 message, new = self.server.room.add_message(user, text, key)
             except DataFileGone:
                 self.server.limiter.refund(user.id)
                 raise  # dispatch() says why
             except StorageError as error:
-                self.server.limiter.refund(user.id)
+                self.uncount_post(user)
                 self.log_message("could not save a message: %s", error)
                 raise RequestError(503, "The server could not save your message, so it was not "
                                         "sent. Please try again in a moment.",
                                    headers=[("Retry-After", "1")]) from error
         if not new:  # stored between our look and the room's: answered as a retry
-            self.server.limiter.refund(user.id)
+            self.uncount_post(user)
             self.send_stored_message(message, text)
             return
         self.send_json(201, {"message": message})
+
+    def count_post(self, user):
+        """Count a post against the rate limits, or refuse it (429) if it would break one."""
+        hit = self.server.limiter.limit_hit(user.id)
+        if hit:
+            wait, (count, seconds) = hit
+            raise RequestError(
+                429, f"You are posting too fast: at most {count} messages in {seconds} seconds. "
+                     f"You can post again in {math.ceil(wait)} s.",
+                headers=[("Retry-After", str(max(1, math.ceil(wait))))],
+                retry_after=round(wait, 3), limit={"count": count, "seconds": seconds})
+
+    def uncount_post(self, user):
+        """Take back a counted post: it was not stored (or stored already), so it does not
+        count."""
+        self.server.limiter.refund(user.id)
 
     def send_stored_message(self, stored, text):
         """Answer a retried post with the message its first try stored."""
@@ -1092,10 +1102,16 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
             return None
         return self.server.sessions.user_for(sid)
 
+    def issue_session_id(self):
+        """A new session id for a client that came without one; this request's response sets
+        it as the cookie (see response_headers)."""
+        self.new_sid = new_session_id()
+        return self.new_sid
+
     def required_user(self):
         user = self.session_user()
         if user is None:
-            self.new_sid = new_session_id()
+            self.issue_session_id()
             raise RequestError(403, "This request came without the session cookie. Load the room "
                                     "first; with curl, keep cookies: curl -c jar -b jar ...")
         return user
@@ -2107,7 +2123,7 @@ MIN_READ_RATE = 16 * 1024  # bytes a second: a client must read a response at le
 # Memory.
 MAX_PARKED_PER_USER = 6  # a browser opens at most 6 connections to one host: only scripts exceed it
 MAX_ONLINE = 1000  # people in the online list: every response that carries the list carries them
-#                    all, and anyone can make up a cookie. Past this, newcomers are served but not
+#                    all, and a script can be many people. Past this, newcomers are served but not
 #                    listed
 MAX_CACHED_USERS = 10_000  # users kept in memory; past this, those not online are forgotten (and
 #                            read back from the database when they return)
@@ -2127,7 +2143,28 @@ MAX_UNSENT = 32 * 1024  # bytes of responses the kernel may hold unsent for one 
 # The request's head.
 SINGLE_HEADERS = {"host": "Host", "content-length": "Content-Length"}  # refused if repeated: the
 #                 request's length and its host must have one reading only. A repeat of any other
-#                 header is joined to the first with a comma (RFC 9110 section 5.3)
+#                 header is joined to the first with a comma (RFC 9110 section 5.3), but Cookie
+#                 lines, which are joined as the cookie list is written (COOKIE_SEPARATOR)
+COOKIE_SEPARATOR = "; "  # between two Cookie lines joined into one (RFC 9113 section 8.2.3;
+#                          RFC 6265 section 4.2.1 writes "a=1; b=2"): a comma would fuse the last
+#                          cookie of one line with the first of the next
+
+# Identities, and how fast one person or one address may act.
+SESSION_RANDOM_BYTES = 12  # the random part of a session id (96 bits: never guessed, and nobody
+#                            can try 2**96 of them against a server)
+SESSION_TAG_BYTES = 12  # the part that signs it, an HMAC-SHA256 cut to 96 bits: as hard to forge.
+#                         The two together are 24 bytes, 32 base64 characters: SESSION_ID_PATTERN
+SESSION_KEY_BYTES = 32  # the key that signs them, made once and kept in the data file (256 bits)
+DEFAULT_PEOPLE_PER_ADDRESS = 30  # people we expect behind one address at most (a class, an office
+#                                  behind one NAT): the limits on one address are theirs together
+NEW_SESSIONS_PER_PERSON = 2  # cookies an address may be given at once, for each such person (a
+#                              person may open the room in two browsers); then ...
+NEW_SESSION_EVERY = 30.0  # ... one more every this many seconds, per person (so one a second for
+#                           30 people): a person is given a cookie once, and keeps it for a year
+RENAME_LIMITS = [(3, 30), (10, 600)]  # renames by one person, as RATE_LIMITS for messages: a typo
+#                                       fixed twice passes; each rename is a notice to everyone
+MAX_TRACKED = 10_000  # people (or addresses) each rate limit remembers at most: about 1 KB each.
+#                       Past it, the longest remembered are forgotten first
 
 # The grammar of a request's head (RFC 9110 sections 5.1, 5.5 and 5.6.2; RFC 9112 section 3).
 TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a method or a header name
@@ -2241,7 +2278,8 @@ class DefendedHandlerMixin:
 
         A name that comes again is joined to the first one's value with a comma, which RFC 9110
         (section 5.3) says means the same as the separate lines, so nothing that came is
-        ignored; but a header that must have one value (SINGLE_HEADERS) is refused if repeated.
+        ignored (Cookie lines with "; ", as cookies are listed); but a header that must have one
+        value (SINGLE_HEADERS) is refused if repeated.
         """
         lines = []
         budget = MAX_HEADER_BYTES  # what the lines still to come may take, together
@@ -2275,6 +2313,8 @@ class DefendedHandlerMixin:
             elif name in SINGLE_HEADERS:
                 self.send_error(400, f"A request may have only one {SINGLE_HEADERS[name]} header.")
                 return False
+            elif name == "cookie":  # (see "Cookies tossed in", section 16)
+                self.headers[name] += COOKIE_SEPARATOR + value
             else:
                 self.headers[name] += ", " + value
         return True
@@ -2587,12 +2627,13 @@ def security_headers(page):
 # test_too_many_parked_polls_release_the_oldest,
 # test_releasing_the_oldest_poll_wakes_only_its_thread
 #
-# --- Made-up people -----------------------------------------------------------------------------
-# Threat: anyone can make up cookies, and each new one is a person to list and to remember.
+# --- Many people from one script -----------------------------------------------------------------
+# Threat: every new identity is a person to list and to remember, and a script can be many
+# (each given a cookie, as fast as section 16 lets one address be given them).
 # Defence: the online list holds at most MAX_ONLINE people (newcomers past it are served but not
 # listed), the users kept in memory at most MAX_CACHED_USERS, and the rate limiter forgets
 # posters whose posts are all older than its longest window.
-# Proved by: test_made_up_cookies_fill_the_online_list_only_up_to_its_cap,
+# Proved by: test_many_identities_fill_the_online_list_only_up_to_its_cap,
 # test_a_cookieless_flood_leaves_no_trace
 
 class WatchfulPresenceMixin:
@@ -2722,7 +2763,278 @@ class BoundedRateLimiterMixin:
 
 
 # ==================================================================================================
-# 16. The defended server
+# 16. Identities that are issued, and limits on one address and on renames
+# ==================================================================================================
+
+# --- Made-up identities -------------------------------------------------------------------------
+# Threat: any well-formed cookie was an identity, so a script could be a new person on every
+# request: past the rate limit, which counts per person, and into the online list, until real
+# people were no longer listed; and each made-up poster cost memory in the rate limiter.
+# Defence: identities are issued, not claimed. A session id is a random part signed with a key
+# kept in the data file (SessionIds), and a cookie we did not sign counts as no cookie at all
+# (IssuedSessionsMixin.session_user). An address is given new cookies only so fast (NewSessions): a
+# client past that is still served, as a guest without a cookie. Cookies of an older data file,
+# unsigned, are no longer anyone's: their owners are given new ones, and a new name.
+# Proved by: test_a_made_up_cookie_is_no_identity, test_made_up_cookies_leave_no_trace,
+# test_an_address_is_given_new_cookies_only_so_fast,
+# test_the_signing_key_outlives_a_restart_and_older_files_get_one
+
+class IssuedSessionsMixin:
+    """ChatHandler, counting a session id only if this server signed it, and issuing new ones to
+    an address only as fast as NewSessions allows."""
+
+    def session_user(self):
+        """The User of the first cookie named sid that we issued, or None: the first valid one,
+        not just the first (see "Cookies tossed in", below)."""
+        for sid in cookie_values(self.headers.get("cookie", ""), SESSION_COOKIE):
+            if self.server.session_ids.issued(sid):
+                return self.server.sessions.user_for(sid)
+        return None
+
+    def issue_session_id(self):
+        if self.server.new_sessions.take(network_of(self.client_address[0])):
+            self.new_sid = self.server.session_ids.new()
+            return self.new_sid
+        # Past the allowance: served, but as a guest of this one response, with no cookie.
+        self.new_sid = None
+        return new_session_id()
+
+
+class SessionIds:
+    """Session ids this server issued: a random part and its HMAC tag, made with a secret key.
+
+    Only the key's holder can make a tag that matches, so a made-up id is seen at once, without
+    looking anything up; and with the key in the data file, ids stay valid across restarts.
+    """
+
+    def __init__(self, key):
+        self.key = key
+
+    def new(self):
+        random_part = secrets.token_bytes(SESSION_RANDOM_BYTES)
+        return base64.urlsafe_b64encode(random_part + self._tag(random_part)).decode("ascii")
+
+    def issued(self, sid):
+        if not SESSION_ID_PATTERN.fullmatch(sid):
+            return False
+        raw = base64.urlsafe_b64decode(sid)
+        random_part, tag = raw[:SESSION_RANDOM_BYTES], raw[SESSION_RANDOM_BYTES:]
+        # compare_digest takes as long wherever the first difference is: the time a response
+        # takes tells nothing of how much of a forged tag was right.
+        return hmac.compare_digest(tag, self._tag(random_part))
+
+    def _tag(self, random_part):
+        return hmac.digest(self.key, random_part, "sha256")[:SESSION_TAG_BYTES]
+
+
+class KeyedStorageMixin:
+    """Storage, also keeping the key that signs session ids."""
+
+    def session_key(self):
+        """The key, made and saved the first time. A table of its own, created if missing, so
+        that a data file made before it still opens (its schema version stays the same)."""
+        self._write([
+            ("CREATE TABLE IF NOT EXISTS session_key (key BLOB NOT NULL)", ()),
+            ("INSERT INTO session_key SELECT ? WHERE NOT EXISTS (SELECT * FROM session_key)",
+             (secrets.token_bytes(SESSION_KEY_BYTES),)),
+        ])
+        return self._read_one("SELECT key FROM session_key")[0]
+
+
+class NewSessions:
+    """How many new cookies each address may still be given: a bucket that holds `burst` and
+    refills at `per_second`. A class arriving together takes from the bucket; a script asking
+    for thousands finds it empty. At most MAX_TRACKED addresses are remembered: an address
+    forgotten (the one that asked longest ago) starts again with a full bucket."""
+
+    def __init__(self, burst, per_second):
+        self.burst = burst
+        self.per_second = per_second
+        self._buckets = {}  # address -> (cookies left, time.monotonic() then), least recent first
+        self._lock = threading.Lock()
+
+    def take(self, address):
+        """True, and one fewer left, if `address` may be given a new cookie now."""
+        now = time.monotonic()
+        with self._lock:
+            left, then = self._buckets.pop(address, (self.burst, now))
+            left = min(self.burst, left + (now - then) * self.per_second)
+            allowed = left >= 1
+            self._buckets[address] = (left - allowed, now)  # (last: the most recent)
+            if len(self._buckets) > MAX_TRACKED:
+                del self._buckets[next(iter(self._buckets))]
+            return allowed
+
+
+def network_of(address):
+    """What one household or office has of a client's IP address: all of an IPv4 address, the
+    first 64 bits of an IPv6 one (each home is given a /64: billions of addresses to change to)."""
+    if ":" not in address:
+        return address
+    try:
+        ip = ipaddress.IPv6Address(address.split("%")[0])
+    except ValueError:
+        return address
+    if ip.ipv4_mapped:  # an IPv4 client of a server listening on "::"
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((ip, 64), strict=False))
+
+
+# --- Cookies tossed in ----------------------------------------------------------------------------
+# Threat: a page of another site (a neighbouring subdomain, say) sets a cookie named sid, which the
+# browser sends before ours, in the same Cookie line or in a line of its own; were the first sid to
+# count, or the lines joined with a comma (which fuses two cookies into one bad value), the person
+# would be locked out of their identity.
+# Defence: Cookie lines are joined with "; " (COOKIE_SEPARATOR, in read_headers), and the first
+# sid that we issued counts (IssuedSessionsMixin.session_user).
+# Proved by: test_a_tossed_in_cookie_locks_no_one_out
+
+def cookie_values(header, name):
+    """Every value of the cookie `name` in a Cookie header, in order."""
+    for part in header.split(";"):
+        key, _, value = part.strip().partition("=")
+        if key == name:
+            yield value
+
+
+# --- A flood of posts from one address ------------------------------------------------------------
+# Threat: a script with many identities (each issued, at the rate NewSessions allows) posts under
+# each in turn, each within its own limit, and floods the room all the same.
+# Defence: the posts from one address count against the rate limits (--rate-limits) of
+# --people-per-address people together: 30 people at one address, each posting as fast as their
+# own limit allows, are never refused; a script is held to that.
+# Proved by: test_one_address_posts_as_fast_as_its_people_and_no_faster
+
+class PostsPerAddressMixin:
+    """ChatHandler, counting a post that its person's limits allow against its address's limits
+    too (server.posts_from): once it is read and checked, as the person's own count is."""
+
+    def count_post(self, user):
+        super().count_post(user)
+        hit = self.server.posts_from.limit_hit(network_of(self.client_address[0]))
+        if hit:
+            super().uncount_post(user)  # refused, so it does not count as the person's either
+            raise too_fast(hit, "Too many messages are coming from your network address: "
+                                "at most {count} in {seconds} seconds. You can post again in "
+                                "{wait} s.")
+
+    def uncount_post(self, user):
+        super().uncount_post(user)
+        self.server.posts_from.refund(network_of(self.client_address[0]))
+
+
+def too_fast(hit, text):
+    """The 429 refusal for a limit hit (see RateLimiter.limit_hit): `text` with {count},
+    {seconds} and {wait} filled in; the wait in Retry-After and in the JSON, as for posts."""
+    wait, (count, seconds) = hit
+    return RequestError(429, text.format(count=count, seconds=seconds, wait=math.ceil(wait)),
+                        headers=[("Retry-After", str(max(1, math.ceil(wait))))],
+                        retry_after=round(wait, 3), limit={"count": count, "seconds": seconds})
+
+
+# --- The rate limits' memory ---------------------------------------------------------------------
+# Threat: the rate limiter remembers everyone who posted in the last 600 s, about 1 KB each: with
+# made-up identities, 140,000 posts grew the server from 28 to 181 MB.
+# Defence: made-up identities no longer post at all; and each limit (per person, per address,
+# on renames) remembers at most MAX_TRACKED keys, forgetting the longest remembered first.
+# Proved by: test_made_up_cookies_leave_no_trace, test_a_rate_limit_remembers_a_bounded_number
+
+class CappedRateLimiterMixin:
+    """RateLimiter, remembering at most MAX_TRACKED people (or addresses).
+
+    BoundedRateLimiterMixin forgets those whose posts are all old every FORGET_POSTS_EVERY; but
+    within its longest window (600 s) it remembers everyone who posted, about 1 KB each. Past
+    MAX_TRACKED, the least recently added are forgotten, a tenth at a time (so that forgetting,
+    which looks at every one, is not done on every post). Someone forgotten may post again
+    sooner than their own limit allows; their address's limit still holds.
+    """
+
+    def limit_hit(self, key):
+        with self._lock:
+            if key not in self._times and len(self._times) >= MAX_TRACKED:
+                now = time.monotonic()
+                self._times = {key: times for key, times in self._times.items()
+                               if times and now - times[-1] < self.longest}
+                excess = len(self._times) - MAX_TRACKED * 9 // 10
+                for old in list(itertools.islice(self._times, max(0, excess))):
+                    del self._times[old]
+        return super().limit_hit(key)
+
+
+# --- Rename storms --------------------------------------------------------------------------------
+# Threat: renames were unlimited, and each sent the whole online list (70 KB with 1,000 people
+# online) to every parked page at once: two scripted connections made hundreds a second, and the
+# room's responses to everyone slowed tenfold.
+# Defence: a person may rename only so often (RENAME_LIMITS, 429 as for posts; a name that does
+# not change, which changes nothing, is not counted); and a rename's notice goes out at once, but
+# without the online list: the presence thread, which already announces arrivals at most once a
+# second, announces the list with the new names.
+# Proved by: test_renames_are_limited, test_an_unchanged_name_changes_nothing,
+# test_a_rename_storm_reaches_parked_pages_at_most_once_a_second
+
+class RenameLimitMixin:
+    """ChatHandler, counting each rename against its person's RENAME_LIMITS (server.renames)."""
+
+    def post_name(self, query):
+        user = self.session_user()
+        if user is None:
+            return super().post_name(query)  # refused there, with a cookie to retry with
+        name = user.name
+        with counted(self.server.renames, user.id,
+                     "You are changing your name too often: at most {count} changes in "
+                     "{seconds} seconds. You can change it again in {wait} s.") as refund:
+            super().post_name(query)
+            if user.name == name:
+                refund()  # it did not change: it is not counted
+
+
+@contextlib.contextmanager
+def counted(limiter, key, text):
+    """Count an action against `limiter`'s limits for `key`, or refuse it: too_fast(hit, text).
+
+    The body of the `with` is the action: if it is refused after all (a RequestError, or a
+    StorageError: it did not happen), it is not counted. Yields a function that takes the count
+    back.
+    """
+    hit = limiter.limit_hit(key)
+    if hit:
+        raise too_fast(hit, text)
+    try:
+        yield lambda: limiter.refund(key)
+    except (RequestError, StorageError):
+        limiter.refund(key)
+        raise
+
+
+class RenamesAnnouncedWithArrivalsMixin:
+    """Room, leaving the online list after a rename to the presence thread."""
+
+    def publish(self, version, message=None, online=None):
+        """As Part II's, but a rename's notice goes out at once without the online list: the
+        presence thread publishes the list with the new name (refresh_presence), with any
+        arrivals, however many renames come meanwhile."""
+        if message is not None and message.get("kind") == "rename":
+            online = None
+            self.presence.names_changed()
+        super().publish(version, message, online)
+
+
+class RenamesPresenceMixin:
+    """Presence, taking a rename as it takes an arrival (QuickPresenceMixin, section 11): a
+    change to announce once they pause, and at most once a second."""
+
+    def names_changed(self):
+        with self._lock:
+            self._online = None  # online_list() must make the list again, with the new names
+            now = time.monotonic()
+            self._last_arrival = now
+            if self._first_arrival is None:
+                self._first_arrival = now
+                self._arrivals.notify()  # the presence thread: wait_until_time_to_look
+
+
+# ==================================================================================================
+# 17. The defended server
 # ==================================================================================================
 
 class DefendedServerMixin:
@@ -2735,6 +3047,16 @@ class DefendedServerMixin:
         self.request_timeout = settings.request_timeout
         self.max_clients = settings.max_clients
         self.max_clients_per_address = settings.max_clients_per_address
+        # Identities, and the limits on one address and on renames (section 16). An address's
+        # limits are those of --people-per-address people together; they are kept by limiters
+        # of the room's own kind (type(limiter)), and so bounded as it is.
+        people = settings.people_per_address
+        self.session_ids = SessionIds(room.storage.session_key())
+        self.new_sessions = NewSessions(burst=NEW_SESSIONS_PER_PERSON * people,
+                                        per_second=people / NEW_SESSION_EVERY)
+        self.posts_from = type(limiter)([(count * people, seconds)
+                                         for count, seconds in limiter.limits])
+        self.renames = type(limiter)(RENAME_LIMITS)
         self.open_connections = 0
         self.connections_from = collections.Counter()  # client IP address -> its open connections
         self._lingering = []  # (refused connection, time.monotonic() by which to close it)
@@ -2847,11 +3169,11 @@ def discard_input(connection):
 # ThreadingMixIn and TCPServer. The defences come first, so that they see each request before the
 # rest; then the speed; then Part I, which does the work.
 
-class FullRoom(BroadcastRoomMixin, Room):
+class FullRoom(RenamesAnnouncedWithArrivalsMixin, BroadcastRoomMixin, Room):
     pass
 
 
-class FullPresence(WatchfulPresenceMixin, QuickPresenceMixin, Presence):
+class FullPresence(RenamesPresenceMixin, WatchfulPresenceMixin, QuickPresenceMixin, Presence):
     pass
 
 
@@ -2859,11 +3181,16 @@ class FullSessions(BoundedSessionsMixin, Sessions):
     pass
 
 
-class FullRateLimiter(BoundedRateLimiterMixin, RateLimiter):
+class FullRateLimiter(CappedRateLimiterMixin, BoundedRateLimiterMixin, RateLimiter):
     pass
 
 
-class FullHandler(DefendedHandlerMixin, FastHandlerMixin, ChatHandler):
+class FullStorage(KeyedStorageMixin, Storage):
+    pass
+
+
+class FullHandler(DefendedHandlerMixin, IssuedSessionsMixin, PostsPerAddressMixin,
+                  RenameLimitMixin, FastHandlerMixin, ChatHandler):
     pass
 
 
@@ -2896,9 +3223,8 @@ def parse_arguments(argv):
     parser.add_argument("--rate-limits", type=rate_limits, metavar="COUNT/SECONDS,...",
                         default=RATE_LIMITS,
                         help="how often one person may post: at most COUNT messages in any "
-                             "SECONDS, for each pair (default %s; the original example's were "
-                             "2/3,3/10,8/60,50/600)" % ",".join(f"{count}/{seconds}"
-                                                                for count, seconds in RATE_LIMITS))
+                             "SECONDS, for each pair (default %s)" % ",".join(
+                                 f"{count}/{seconds}" for count, seconds in RATE_LIMITS))
     parser.add_argument("--log-polls", action="store_true",
                         help="print a line when a poll parks, when a change answers the waiting "
                              "polls, and when a poll times out: watch long-polling at work")
@@ -2918,6 +3244,11 @@ def parse_arguments(argv):
                         help="a name this server is reached by, besides its IP addresses (and "
                              "localhost, on this machine): with --host 0.0.0.0, a request that "
                              "names any other host is refused. Repeat it for more names")
+    parser.add_argument("--people-per-address", type=int, default=DEFAULT_PEOPLE_PER_ADDRESS,
+                        metavar="N", help="people who may share one IP address (a class or an "
+                                          "office behind one NAT): one address may post, and be "
+                                          "given new cookies, as fast as N people together "
+                                          "(default %(default)s)")
     args = parser.parse_args(argv)
     for name in args.allowed_host:
         if not is_host(name) or host_name(name) != name.lower().removesuffix("."):
@@ -2925,9 +3256,9 @@ def parse_arguments(argv):
     if not 0 <= args.poll_timeout <= MAX_POLL_TIMEOUT:
         parser.error(f"--poll-timeout must be between 0 and {MAX_POLL_TIMEOUT}")
     if (args.online_window <= 0 or args.max_clients < 1 or args.max_clients_per_address < 1
-            or args.request_timeout <= 0):
-        parser.error("--online-window, --max-clients, --max-clients-per-address and "
-                     "--request-timeout must be positive")
+            or args.request_timeout <= 0 or args.people_per_address < 1):
+        parser.error("--online-window, --max-clients, --max-clients-per-address, "
+                     "--request-timeout and --people-per-address must be positive")
     if args.plain and not is_loopback(args.host):
         parser.error("--plain has none of the defences a room on the network needs: "
                      "it listens on a loopback address only (such as 127.0.0.1)")
@@ -2975,7 +3306,8 @@ def main(argv=None):
     page = read_beside_this_file("index.html")
     chime = read_beside_this_file("chime.wav")
     try:
-        storage = Storage(args.data)
+        # (The full server's keeps the key that signs cookies too: section 16.)
+        storage = (Storage if args.plain else FullStorage)(args.data)
     except StorageError as error:
         sys.exit(f"chatroom: cannot use the data file {args.data!r}: {error}")
     raise_open_file_limit()

@@ -181,7 +181,23 @@ class Client:
 
 def new_client(server):
     """A client that already has its own session cookie (as a browser would after loading)."""
-    return Client(server, sid=secrets.token_urlsafe(24))
+    return Client(server, sid=issued_sid(server))
+
+
+def issued_sid(server):
+    """A session id such as the server issues: signed with the key in its data file.
+
+    Made here rather than asked for with a cookieless poll, because the full server gives one
+    address new cookies only so fast, and the tests' many people all come from 127.0.0.1. (A
+    made-up id is no identity: test_a_made_up_cookie_is_no_identity.) The plain room keeps no
+    key, and takes any well-formed id.
+    """
+    with contextlib.closing(sqlite3.connect(server.data)) as db:
+        try:
+            key = db.execute("SELECT key FROM session_key").fetchone()[0]
+        except sqlite3.OperationalError:  # no such table: the plain room
+            return secrets.token_urlsafe(24)
+    return chatroom.SessionIds(key).new()
 
 
 def wait_until(predicate, timeout=10, interval=0.05, message="condition"):
@@ -715,7 +731,7 @@ def test_sustained_posting_reaches_every_page_once_in_order(start_server):
     # 30 pages keep polling on keep-alive connections while 40 people post 80 messages as fast as
     # the rate limit lets them: every page sees every message exactly once, in order. (An answer
     # written twice for one poll would be read as the answer to the page's next poll.)
-    server = start_server()
+    server = start_server("--people-per-address", "70")  # (all of them at 127.0.0.1)
     pages, start = open_pages(server, 30)
     posters = [new_client(server) for _ in range(40)]
     posted, done = [], threading.Event()
@@ -964,6 +980,9 @@ def test_a_rename_is_announced_in_the_room_and_kept(start_server):
     assert notice["name"] == "Frances" and notice["old_name"] == before
     assert notice["text"] == f"{before} is now Frances" and notice["user"] == frances.poll(
         timeout=0)["you"]["id"]
+    # (The full server publishes the online list with the new name within a second: after it.)
+    wait_until(lambda: "Frances" in {p["name"] for p in reader.poll(since=None)["online"]},
+               message="the online list to name Frances")
     version = reader.poll(since=None)["version"]
     assert frances.rename("  Frances ").status == 200  # the same name: nothing to announce
     assert reader.poll(since=version, timeout=0.5)["version"] == version
@@ -2338,9 +2357,9 @@ def test_too_many_parked_polls_release_the_oldest(start_full_server):
             connection.close()
 
 
-def test_made_up_cookies_fill_the_online_list_only_up_to_its_cap(start_full_server):
-    # A script polls once with each of MAX_ONLINE + 100 made-up (well-formed) cookies. Each poll
-    # is answered, but the online list stops at MAX_ONLINE people.
+def test_many_identities_fill_the_online_list_only_up_to_its_cap(start_full_server):
+    # A script polls once with each of MAX_ONLINE + 100 cookies of its own. Each poll is
+    # answered, but the online list stops at MAX_ONLINE people.
     server = start_full_server()
     cap = chatroom.MAX_ONLINE
     statuses = []
@@ -2358,6 +2377,253 @@ def test_made_up_cookies_fill_the_online_list_only_up_to_its_cap(start_full_serv
     time.sleep(chatroom.PRESENCE_INTERVAL + 0.3)  # the online list is refreshed once a second
     online = Client(server).request("GET", "/api/poll?timeout=0").json["online"]
     assert len(online) == cap, f"{len(online)} people online, the cap is {cap}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Identities that are issued; limits on one address and on renames; cookies tossed in
+# --------------------------------------------------------------------------------------------------
+
+def cookie_given(response):
+    """The sid a response sets as the cookie, or None."""
+    found = re.match(r"sid=([^;]+)", response.headers.get("Set-Cookie") or "")
+    return found and found.group(1)
+
+
+def poll_with_cookie_lines(port, *lines):
+    """GET /api/poll?timeout=0 with exactly these Cookie lines: (status, headers, answer)."""
+    head = "GET /api/poll?timeout=0 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    head += "".join(f"Cookie: {line}\r\n" for line in lines)
+    status, headers, body = exchange(port, (head + "\r\n").encode("latin-1"))
+    return status, headers, json.loads(body)
+
+
+def test_a_made_up_cookie_is_no_identity(full_server):
+    # A well-formed cookie the server never issued, and an issued one with its signature changed,
+    # count as no cookie: a poll is answered with a new cookie and is not listed online; a post
+    # is refused (403) with a new cookie, and posting with that new cookie works.
+    server = full_server
+    watcher = new_client(server)
+    watcher.join()
+    issued = issued_sid(server)
+    forged = issued[:-1] + ("A" if issued[-1] != "A" else "B")
+    for what, sid in [("made up", secrets.token_urlsafe(24)), ("forged", forged)]:
+        polled = Client(server, sid=sid).request("GET", "/api/poll?timeout=0")
+        assert polled.status == 200 and cookie_given(polled) not in (None, sid), what
+        assert polled.json["you"]["id"] != chatroom.User(sid).id, \
+            f"the {what} cookie was taken as an identity"
+        poster = Client(server, sid=sid)
+        refused = poster.post(f"as nobody ({what})")
+        assert refused.status == 403 and cookie_given(refused) not in (None, sid), what
+        assert poster.post(f"with the cookie given ({what})").status == 201
+    time.sleep(chatroom.PRESENCE_INTERVAL + 0.3)  # had the made-up one come online, it shows now
+    assert chatroom.User(forged).id not in {p["id"] for p in watcher.poll(since=None)["online"]}
+
+
+def test_made_up_cookies_leave_no_trace(start_full_server):
+    # 2000 requests, each with a new made-up cookie (polls, posts, renames): each is answered (200
+    # or 403), no message or name is stored, nobody comes online, the version does not move, and
+    # the server's memory stays flat (each made-up poster used to cost the rate limiter ~1 KB).
+    server = start_full_server()
+
+    def room():  # (asked without a cookie, so as not to come online)
+        return Client(server).request("GET", "/api/poll?timeout=0").json
+
+    def flood(count):
+        statuses = []
+
+        def run(share):
+            for n in range(share):
+                client = Client(server, sid=secrets.token_urlsafe(24))
+                if n % 3 == 0:
+                    response = client.request("GET", "/api/poll?timeout=0")
+                elif n % 3 == 1:
+                    response = client.post(f"made up {n}")
+                else:
+                    response = client.rename(f"made up {n}")
+                statuses.append(response.status)
+
+        threads = [threading.Thread(target=run, args=(count // 8,)) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        assert join_all(threads, 60) == 0, "the flood did not finish"
+        return statuses
+
+    flood(200)  # warm up: threads, caches and buffers the server allocates once
+    before, memory = room(), server_memory(server)
+    statuses = flood(2000)
+    assert len(statuses) == 2000 and set(statuses) <= {200, 403}, set(statuses)
+    time.sleep(chatroom.PRESENCE_INTERVAL + 0.2)  # had anyone come online, it would show now
+    after = room()
+    assert after["version"] == before["version"] and after["online"] == before["online"] == []
+    with contextlib.closing(sqlite3.connect(server.data)) as db:
+        assert db.execute("SELECT COUNT(*) FROM users").fetchone() == (0,)
+        assert db.execute("SELECT COUNT(*) FROM messages").fetchone() == (0,)
+    if memory is not None:
+        grown = server_memory(server) - memory
+        assert grown < 4 * 2**20, f"the server grew by {grown // 2**20} MiB"
+
+
+def test_an_address_is_given_new_cookies_only_so_fast(start_full_server):
+    # With 2 people expected per address, an address is given 4 cookies at once: a 5th newcomer
+    # is still served the page and its polls, as a guest, without a cookie; a post without a
+    # cookie is then refused without one. The cookies given are identities.
+    server = start_full_server("--people-per-address", "2")
+    burst = 2 * chatroom.NEW_SESSIONS_PER_PERSON
+    given = []
+    for _ in range(burst + 3):
+        assert Client(server).request("GET", "/").status == 200
+        polled = Client(server).request("GET", "/api/poll?timeout=0")
+        assert polled.status == 200 and polled.json["you"]["id"], polled.body
+        given.append(cookie_given(polled))
+    assert all(given[:burst]) and given[burst:] == [None] * 3, given
+    refused = Client(server).post("no cookie")
+    assert refused.status == 403 and cookie_given(refused) is None
+    person = Client(server, sid=given[0])
+    person.join()
+    assert person.sid == given[0] and person.post("I was given a cookie").status == 201
+
+
+def test_the_signing_key_outlives_a_restart_and_older_files_get_one(start_full_server):
+    # A cookie the server issued is still the same person after a restart. A data file made
+    # before cookies were signed (no session_key table) opens; the cookies of its people are no
+    # longer identities (they are given new ones), and newcomers are served as usual.
+    server = start_full_server()
+    client = Client(server)
+    client.join()
+    client.rename("Grace")
+    who = client.poll(timeout=0)["you"]
+    server.restart()
+    assert client.poll(since=None)["you"] == who
+    assert client.request("GET", "/api/poll?timeout=0").headers.get("Set-Cookie") is None
+    server.stop()
+    with contextlib.closing(sqlite3.connect(server.data)) as db:
+        db.execute("DROP TABLE session_key")
+        db.commit()
+    server.start()
+    old = client.sid
+    assert client.poll(since=None)["you"]["id"] != who["id"] and client.sid != old
+    newcomer = Client(server)
+    newcomer.join()
+    assert newcomer.post("hello").status == 201
+
+
+def test_one_address_posts_as_fast_as_its_people_and_no_faster(start_full_server):
+    # With each person allowed 2 messages a minute, 30 people behind one address (the default
+    # --people-per-address) each post 2: none is refused. A 31st person at that address is
+    # refused (429, Retry-After, a JSON error that says why): the address has had 30 people's.
+    server = start_full_server("--rate-limits", "2/60")
+    people = [new_client(server) for _ in range(31)]
+    for person in people[:30]:
+        for n in range(2):
+            response = person.post(f"one of thirty, message {n}")
+            assert response.status == 201, response.body
+    refused = people[30].post("one too many")
+    assert refused.status == 429 and "network address" in refused.json["error"], refused.body
+    assert int(refused.headers["Retry-After"]) >= 1 and refused.json["retry_after"] > 0
+    assert refused.json["limit"] == {"count": 60, "seconds": 60}
+
+
+def test_a_rate_limit_remembers_a_bounded_number(monkeypatch):
+    # A rate limiter that sees 5,000 posters remembers at most MAX_TRACKED of them (here 100),
+    # and still limits the one posting now.
+    monkeypatch.setattr(chatroom, "MAX_TRACKED", 100)
+    limiter = chatroom.FullRateLimiter([(2, 60)])
+    for n in range(5000):
+        assert limiter.limit_hit(f"poster {n}") is None
+        assert len(limiter._times) <= 100
+    assert limiter.limit_hit("poster 4999") is None and limiter.limit_hit("poster 4999")
+
+
+def test_renames_are_limited(start_full_server):
+    # Three renames in a row pass; the fourth gets 429 with Retry-After and a JSON error that
+    # says why, and changes nothing. Someone else can still rename.
+    server = start_full_server()
+    client, other = new_client(server), new_client(server)
+    client.join()
+    for name in ("Ann", "Anne", "Annie"):
+        assert client.rename(name).status == 200
+    refused = client.rename("Anna")
+    assert refused.status == 429 and "name" in refused.json["error"]
+    assert 1 <= int(refused.headers["Retry-After"]) <= 30
+    assert refused.json["limit"] == {"count": 3, "seconds": 30}
+    assert client.poll(timeout=0)["you"]["name"] == "Annie"
+    assert other.rename("Bob").status == 200
+
+
+def test_an_unchanged_name_changes_nothing(start_full_server):
+    # Renaming to the name one has (trimmed) answers 200 and changes nothing: no new version, a
+    # parked page is not woken, and it does not count against the rename limit.
+    server = start_full_server()
+    client, watcher = new_client(server), new_client(server)
+    client.join()
+    assert client.rename("Ada").status == 200
+    wait_until(lambda: "Ada" in {p["name"] for p in watcher.poll(since=None)["online"]},
+               message="Ada in the online list")
+    version = watcher.poll(since=None)["version"]
+    thread, result = poll_in_background(watcher, since=version, timeout=2)
+    for name in ("Ada", " Ada ", "Ada"):
+        response = client.rename(name)
+        assert response.status == 200 and response.json["you"]["name"] == "Ada"
+    thread.join(10)
+    assert result["answer"]["version"] == version and "online" not in result["answer"], \
+        "an unchanged name woke a parked page"
+    assert client.rename("Bea").status == 200 and client.rename("Cy").status == 200, \
+        "unchanged names were counted against the rename limit"
+
+
+def test_a_rename_storm_reaches_parked_pages_at_most_once_a_second(start_full_server):
+    # 20 people rename 3 times each as fast as they can (60 renames) while a page keeps polling:
+    # the page is sent the online list at most about once a second (PRESENCE_INTERVAL), not once
+    # per rename, and then has everyone's last name.
+    server = start_full_server()
+    people = [new_client(server) for _ in range(20)]
+    watcher = new_client(server)
+    wait_until_listed(watcher, {person.join()["you"]["id"] for person in people})
+    version = watcher.poll(since=None)["version"]
+    updates, stop = [], threading.Event()
+
+    def listen():
+        since = version
+        while not stop.is_set():
+            answer = watcher.poll(since=since, timeout=2)
+            since = answer["version"]
+            if "online" in answer:
+                updates.append(time.monotonic())
+
+    def rename(share):
+        for round_ in range(3):
+            for person in share:
+                assert person.rename(f"storm {round_} {person.sid[:6]}").status == 200
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    started = time.monotonic()
+    writers = [threading.Thread(target=rename, args=(people[i::2],)) for i in range(2)]
+    for thread in writers:
+        thread.start()
+    assert join_all(writers, 30) == 0, "the renames did not finish"
+    last_names = {f"storm 2 {person.sid[:6]}" for person in people}
+    wait_until(lambda: last_names <= {p["name"] for p in watcher.poll(since=None)["online"]},
+               timeout=WAKE_BOUND, message="the last names in the online list")
+    stop.set()
+    listener.join(5)
+    seconds = time.monotonic() - started
+    assert len(updates) <= seconds / chatroom.PRESENCE_INTERVAL + 1, \
+        f"{len(updates)} online lists in {seconds:.1f} s of renames"
+
+
+def test_a_tossed_in_cookie_locks_no_one_out(full_server):
+    # Another site tosses in a cookie named sid, sent before ours, in the same Cookie line or in
+    # a line of its own: the first sid the server issued counts, and no new cookie is set.
+    person = new_client(full_server)
+    me = person.join()["you"]["id"]
+    tossed = secrets.token_urlsafe(24)
+    for lines in [(f"sid={tossed}; sid={person.sid}",),
+                  (f"sid={tossed}", f"sid={person.sid}"),
+                  ("theme=dark", f"sid={tossed}", f"lang=en; sid={person.sid}")]:
+        status, headers, answer = poll_with_cookie_lines(full_server.port, *lines)
+        assert status == 200 and answer["you"]["id"] == me, lines
+        assert "set-cookie" not in headers, lines
 
 
 # --------------------------------------------------------------------------------------------------
@@ -2672,12 +2938,14 @@ def test_own_page_behind_an_https_proxy_may_post(full_server):
     assert client.request("POST", "/api/name", {"name": "Proxied"}, headers=own_page).status == 200
 
 
-STALLED_REQUESTS = [
-    b"GET /api/po",  # mid request line
-    b"GET /api/poll?timeout=0 HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: sid=",  # mid headers
-    b"POST /api/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-    b"Cookie: sid=" + b"s" * 32 + b"\r\nContent-Length: 100\r\n\r\n{\"te",  # mid body
-]
+def stalled_requests(sid):
+    """Requests cut off mid request line, mid headers, and mid body (of a post by `sid`)."""
+    return [
+        b"GET /api/po",
+        b"GET /api/poll?timeout=0 HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: sid=",
+        b"POST /api/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Cookie: sid=" + sid.encode() + b"\r\nContent-Length: 100\r\n\r\n{\"te",
+    ]
 
 
 def test_stalled_clients_are_dropped_and_hold_up_no_one(start_full_server):
@@ -2688,12 +2956,13 @@ def test_stalled_clients_are_dropped_and_hold_up_no_one(start_full_server):
     alice, bob = new_client(server), new_client(server)
     alice.join()
     bob.join()
+    requests = stalled_requests(issued_sid(server))
     started = time.monotonic()
     stalled = []
     try:
         for n in range(200):
             stalled.append(socket.create_connection(("127.0.0.1", server.port), timeout=10))
-            stalled[-1].sendall(STALLED_REQUESTS[n % len(STALLED_REQUESTS)])
+            stalled[-1].sendall(requests[n % len(requests)])
         thread, result = poll_in_background(bob, timeout=30)
         posted = alice.post("through the crowd")
         assert posted.status == 201
@@ -3042,7 +3311,9 @@ def test_fuzzing_never_breaks_the_room(start_full_server):
     # invalid UTF-8, deep JSON, truncated connections): every answer is well-formed HTTP with the
     # security headers and, for an error, a JSON body; none is a 500; the server never dies; and
     # afterwards every acknowledged message is intact and the room works normally.
-    server = start_full_server("--request-timeout", "1", "--poll-timeout", "1")
+    # (--people-per-address: the fuzzer's posts come from 127.0.0.1 as if from many people)
+    server = start_full_server("--request-timeout", "1", "--poll-timeout", "1",
+                               "--people-per-address", "1000")
     rng = random.Random(1234)
     sids = [new_client(server).sid for _ in range(20)]
     cases = [fuzz_case(rng, server.port, sids) for _ in range(3000)]
