@@ -190,10 +190,10 @@ SOURCE_ADDRESSES = [f"127.0.1.{n}" for n in range(1, 201)]
 PEOPLE_PER_ADDRESS = 100_000
 ROUND_TIMEOUT = 10.0  # seconds a round may take before its missing deliveries count as lost
 # Seconds the pages of a scenario may take to arrive (CONNECT_BATCH at a time) and be parked
-# with the server quiet (--setup-timeout). The full server needs a few seconds for 2000; a
-# server that needs more than this is reported as failing to take the pages in, with how far
-# it got.
-SETUP_TIMEOUT = 60.0
+# with the server quiet (--setup-timeout). The full server needs a few seconds for 2000, the
+# plain room about a minute on a busy 2-core machine; a server that needs more than this is
+# reported as failing to take the pages in, with how far it got.
+SETUP_TIMEOUT = 90.0
 OPEN_TIMEOUT = 30.0  # seconds a page may take to connect (and load, in the crowd) before giving up
 POST_TIMEOUT = 10.0  # seconds a POST may wait for its answer before it counts as unanswered
 # A slow server is measured on fewer fan-out rounds rather than for ever: no round starts once
