@@ -1842,10 +1842,13 @@ class FastHandlerMixin:
     def poll_response(self, body):
         """The bytes send(200, body, "application/json") writes, for a poll the room may answer.
 
-        The room calls this from the thread that changed it, so it reads nothing that belongs
-        to this request alone: room_may_answer() made sure there is nothing of that kind.
+        The room calls this from the thread that changed it, a thousand times in a row, so it
+        reads nothing that belongs to this request alone (room_may_answer() made sure there is
+        nothing of that kind), and only the Date and the length are written anew: the rest of
+        the head is the same for every such response, and made once (poll_head_end).
         """
-        return http_response(200, self.response_headers(200, body, "application/json", ()), body)
+        return POLL_RESPONSE % (date_header().encode("latin-1"), len(body),
+                                self.server.poll_head_end(), body)
 
     def handle_one_request(self):
         room = self.server.room
@@ -1934,6 +1937,11 @@ class FastHandlerMixin:
         if coding == "gzip":
             headers.append(("Content-Encoding", "gzip"))
         self.send(200, body, "text/html; charset=utf-8", headers)
+
+
+# A poll's response, as poll_response() fills it in: the Date, the length, the rest, the body.
+POLL_RESPONSE = (b"HTTP/1.1 200 OK\r\n%s\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: %d\r\n%s%s")
 
 
 def http_response(status, headers, body):
@@ -2082,6 +2090,17 @@ class FastServerMixin:
     def __init__(self, address, handler, room, sessions, limiter, page, chime, settings):
         super().__init__(address, handler, room, sessions, limiter, page, chime, settings)
         self.page_representations = representations(page)  # (made once: see get_page)
+        self._poll_head_end = None  # made at the first broadcast, once every part has set
+        #                             common_headers
+
+    def poll_head_end(self):
+        """The headers after Content-Length of a poll's response, and the empty line, as bytes:
+        those response_headers() gives a poll the room may answer (see poll_response)."""
+        if self._poll_head_end is None:
+            lines = [*self.common_headers, ("Cache-Control", "no-store")]
+            self._poll_head_end = "".join(f"{name}: {value}\r\n" for name, value in lines)
+            self._poll_head_end = (self._poll_head_end + "\r\n").encode("latin-1")
+        return self._poll_head_end
 
     def process_request(self, request, client_address):
         """Run the connection in a new thread, and return at once. Like a daemon thread, it does
