@@ -2114,7 +2114,7 @@ MAX_LINGERING = 256  # refused connections kept open at once for that; past it t
 LINGER_SWEEP_INTERVAL = 0.1  # seconds between two looks at the refused connections (each look is
 #                              a read on every one of them): after every accept, a flood of
 #                              refused clients would keep the accepting thread busy with them
-MAX_CLOSING = 64  # connections we may hold past --max-clients for a moment: those let go of to
+MAX_CLOSING = 256  # connections we may hold past --max-clients for a moment: those let go of to
 #                   make room for a newcomer (see let_go_of_oldest_waiting), whose threads have
 #                   not ended yet. Past it, a newcomer gets the 503
 
@@ -3099,9 +3099,10 @@ class DefendedServerMixin:
     # --- Too many connections, or one client taking every place ---------------------------------
     # Threat: a flood of connections, each holding a thread, until the machine runs out; or one
     # client keeping every place taken, so that no one else gets in.
-    # Defence: past --max-clients open connections, or --max-clients-per-address from one
-    # address, a newcomer gets a quick 503 with Retry-After from the accepting thread, without a
-    # thread of its own; its connection lingers a moment so that it can read the response.
+    # Defence: past --max-clients open connections (none of them still waiting for its first
+    # request: see the next block), or --max-clients-per-address from one address, a newcomer
+    # gets a quick 503 with Retry-After from the accepting thread, without a thread of its own;
+    # its connection lingers a moment so that it can read the response.
     # Proved by: test_full_server_answers_newcomers_503_and_keeps_its_clients,
     # test_one_address_cannot_take_every_place
 
