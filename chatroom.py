@@ -2130,11 +2130,23 @@ DEFAULT_MAX_CLIENTS_PER_ADDRESS = 500  # open connections from one IP address, s
 BUSY_RETRY_AFTER = 5  # seconds we ask a refused client to wait before trying again
 REFUSAL_LINGER = 2.0  # seconds a refused connection stays open so the client can read our 503
 MAX_LINGERING = 256  # refused connections kept open at once for that; past it they close at once
+LINGER_SWEEP_INTERVAL = 0.1  # seconds between two looks at the refused connections (each look is
+#                              a read on every one of them): after every accept, a flood of
+#                              refused clients would keep the accepting thread busy with them
+MAX_CLOSING = 256  # connections we may hold past --max-clients for a moment: those let go of to
+#                   make room for a newcomer (see let_go_of_oldest_waiting), whose threads have
+#                   not ended yet. Past it, a newcomer gets the 503
 
 # Time.
 DEFAULT_REQUEST_TIMEOUT = 10  # seconds from the end of one response until the next request has
 #                               fully arrived: a client that stalls, or sends a byte at a time, is
 #                               dropped
+FIRST_REQUEST_TIMEOUT = 3  # seconds from connecting until the head of the first request has
+#                            arrived. A browser sends it at once (and one that opened a connection
+#                            ahead of need finds it closed, and opens another), so a connection
+#                            silent this long is a slow or idle client holding a place. Shorter
+#                            than --request-timeout, which stays for the later requests on a
+#                            kept-alive connection: a page may ask again seconds after an answer
 MIN_READ_RATE = 16 * 1024  # bytes a second: a client must read a response at least this fast, after
 #                            the grace of --request-timeout, or it is dropped (a slow phone link
 #                            reads far faster)
@@ -2268,6 +2280,8 @@ class DefendedHandlerMixin:
         self.path = target
         if not self.read_headers():
             return False
+        if self.waiting_for_first_request:
+            self.first_request_arrived()  # (see "Slow and stalled clients", below)
         if self.request_version == "HTTP/1.1" and "host" not in self.headers:
             self.send_error(400, "An HTTP/1.1 request needs a Host header.")
             return False
@@ -2433,10 +2447,12 @@ class DefendedHandlerMixin:
     # reads its responses a trickle at a time, or never: each holds a thread, and the kernel's
     # memory, for as long as it likes.
     # Defence: every read and write waits at most --request-timeout (set_time_outs); a whole
-    # request must arrive within it too (RequestReader); a response must be read at MIN_READ_RATE
+    # request must arrive within it too (RequestReader), and the head of a connection's first
+    # request within FIRST_REQUEST_TIMEOUT; a response must be read at MIN_READ_RATE
     # (write_within); and the kernel holds at most MAX_UNSENT bytes of responses for a connection
     # (limit_unsent), so pipelined requests are answered only as fast as the client reads.
     # Proved by: test_stalled_clients_are_dropped_and_hold_up_no_one,
+    # test_a_new_connection_must_send_its_first_request_at_once,
     # test_a_client_sending_a_byte_at_a_time_is_dropped,
     # test_a_client_that_never_reads_its_answers_is_dropped,
     # test_a_client_that_reads_a_trickle_is_dropped,
@@ -2445,12 +2461,26 @@ class DefendedHandlerMixin:
     def setup(self):
         super().setup()
         self.local_address = None  # the IP address the connection arrived at, once needed
-        set_time_outs(self.connection, self.server.request_timeout)
+        # Until the first request's head has arrived, the shorter time-out (first_request_arrived
+        # sets the longer one: two more system calls per connection, not per request).
+        first_timeout = min(FIRST_REQUEST_TIMEOUT, self.server.request_timeout)
+        self.waiting_for_first_request = True
+        set_time_outs(self.connection, first_timeout)
         limit_unsent(self.connection)
         self.rfile.close()  # read through RequestReader instead, for its deadline
-        self.request_reader = RequestReader(self.connection, self.server.request_timeout)
+        self.request_reader = RequestReader(self.connection, first_timeout)
         self.rfile = io.BufferedReader(self.request_reader, REQUEST_BUFFER)
         self.server.room.presence.watch(self.connection)  # (see WatchfulPresenceMixin)
+
+    def first_request_arrived(self):
+        """The head of the connection's first request is here: from now on, --request-timeout.
+        (Its body, if any, has that long from now.) The server may no longer let go of this
+        connection to make room for a newcomer (see let_go_of_oldest_waiting)."""
+        self.waiting_for_first_request = False
+        self.server.first_request_arrived(self.connection)
+        set_time_outs(self.connection, self.server.request_timeout)
+        self.request_reader.seconds = self.server.request_timeout
+        self.request_reader.start_deadline()
 
     def handle_one_request(self):
         self.request_reader.start_deadline()  # the next request must have arrived in time
@@ -3078,34 +3108,45 @@ class DefendedServerMixin:
         self.renames = type(limiter)(RENAME_LIMITS)
         self.open_connections = 0
         self.connections_from = collections.Counter()  # client IP address -> its open connections
+        # The open connections whose first request's head has not arrived yet, oldest first
+        # (connection -> its address): those we may let go of to make room for a newcomer.
+        self._waiting = collections.OrderedDict()
         self._lingering = []  # (refused connection, time.monotonic() by which to close it)
-        self._busy = threading.Lock()  # guards the counts of connections above
+        self._next_sweep = 0.0  # time.monotonic() of the next look at the lingering connections
+        self._busy = threading.Lock()  # guards the counts of connections and _waiting above
 
     # --- Too many connections, or one client taking every place ---------------------------------
     # Threat: a flood of connections, each holding a thread, until the machine runs out; or one
     # client keeping every place taken, so that no one else gets in.
-    # Defence: past --max-clients open connections, or --max-clients-per-address from one
-    # address, a newcomer gets a quick 503 with Retry-After from the accepting thread, without a
-    # thread of its own; its connection lingers a moment so that it can read the response.
+    # Defence: past --max-clients open connections (none of them still waiting for its first
+    # request: see the next block), or --max-clients-per-address from one address, a newcomer
+    # gets a quick 503 with Retry-After from the accepting thread, without a thread of its own;
+    # its connection lingers a moment so that it can read the response.
     # Proved by: test_full_server_answers_newcomers_503_and_keeps_its_clients,
     # test_one_address_cannot_take_every_place
 
     def process_request(self, request, client_address):
         """Start a thread for the connection, unless too many are open already, in all or from
-        its address (so that one client cannot take every place: --max-clients-per-address)."""
+        its address (so that one client cannot take every place: --max-clients-per-address).
+        If all places are taken, the oldest connection still waiting for its first request
+        makes room for this one (see "Slow connections from many addresses", below)."""
         address = client_address[0]
         with self._busy:
-            full = (self.open_connections >= self.max_clients
-                    or self.connections_from[address] >= self.max_clients_per_address)
-            if not full:
+            admitted = (self.connections_from[address] < self.max_clients_per_address
+                        and (self.open_connections < self.max_clients
+                             or self.let_go_of_oldest_waiting()))
+            if admitted:
                 self.open_connections += 1
                 self.connections_from[address] += 1
-        if full:
+                self._waiting[request] = address
+        if not admitted:
             self.refuse(request)
             return
         try:
             super().process_request(request, client_address)
         except RuntimeError:  # the system would not start another thread
+            with self._busy:
+                self._waiting.pop(request, None)
             self._connection_closed(address)
             self.refuse(request)
 
@@ -3128,8 +3169,12 @@ class DefendedServerMixin:
 
     def service_actions(self):
         """serve_forever() calls this after each accept and twice a second: close the refused
-        connections whose client has gone, or has had REFUSAL_LINGER seconds to read our 503."""
+        connections whose client has gone, or has had REFUSAL_LINGER seconds to read our 503
+        (at most every LINGER_SWEEP_INTERVAL, so that a flood keeps the accepting thread cheap)."""
         now = time.monotonic()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + LINGER_SWEEP_INTERVAL
         lingering = []
         for connection, deadline in self._lingering:
             if now < deadline and discard_input(connection):
@@ -3143,6 +3188,47 @@ class DefendedServerMixin:
             super().process_request_thread(request, client_address)
         finally:
             self._connection_closed(client_address[0])
+
+    # --- Slow connections from many addresses ---------------------------------------------------
+    # Threat: thousands of connections that send a request slowly or not at all ("slowloris"),
+    # from a few addresses each within --max-clients-per-address, take every place: newcomers
+    # get 503 for as long as the attack lasts, however well the caps per address hold.
+    # Defence: once all places are taken, a newcomer is let in by closing the connection that has
+    # waited longest for its first request (which a browser sends at once), rather than being
+    # refused; and that wait is short (FIRST_REQUEST_TIMEOUT). A connection that has sent a
+    # request, such as a page's parked poll, is never let go of. The refusal path stays cheap
+    # (no thread, and the refused connections looked at only every LINGER_SWEEP_INTERVAL).
+    # Proved by: test_slow_connections_from_many_addresses_leave_room_for_newcomers
+
+    def let_go_of_oldest_waiting(self):
+        """Close the oldest connection still waiting for its first request, to make room for a
+        newcomer; True if one was. Called with _busy held.
+
+        Its thread is blocked reading; shutdown() wakes it with the end of the connection, and
+        it ends as for a client that hung up (closing the socket here, under a thread that may
+        still use it, could close another connection given the same number meanwhile). Its
+        place is counted until the thread ends: at most MAX_CLOSING such places at once.
+        """
+        if not self._waiting or self.open_connections >= self.max_clients + MAX_CLOSING:
+            return False
+        connection, _ = self._waiting.popitem(last=False)
+        try:
+            connection.shutdown(socket.SHUT_RDWR)
+        except OSError:  # the client has gone already
+            pass
+        return True
+
+    def first_request_arrived(self, connection):
+        """The handler says: this connection has sent a request, so it stays."""
+        with self._busy:
+            self._waiting.pop(connection, None)
+
+    def shutdown_request(self, request):
+        # Out of _waiting before it is closed: let_go_of_oldest_waiting must never shut down a
+        # closed socket (its number may be another connection's by then).
+        with self._busy:
+            self._waiting.pop(request, None)
+        super().shutdown_request(request)
 
     def _connection_closed(self, address):
         with self._busy:

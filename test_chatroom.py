@@ -3190,6 +3190,126 @@ def test_one_address_cannot_take_every_place(start_full_server):
             connection.close()
 
 
+SLOW_ADDRESSES = 60  # loopback addresses slow clients come from: 127.0.0.10 to 127.0.0.69
+SLOW_PER_ADDRESS = 50  # slow connections from each, far below --max-clients-per-address
+SLOW_START = b"GET /api/po"  # what each slow client sends of its request, and then nothing
+
+
+def test_slow_connections_from_many_addresses_leave_room_for_newcomers(start_full_server):
+    # 60 addresses open 50 connections each, send part of a request line and then nothing, and
+    # open another whenever the server closes one, on a server of 600 places. A newcomer from
+    # another address (127.0.0.250) is still served within 2 s in most tries; and a page whose
+    # poll is parked on its kept-alive connection keeps it, and gets the next message on it.
+    server = start_full_server("--max-clients", "600", "--log-polls")
+    port = server.port
+    try:
+        socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.250", 0)).close()
+    except OSError:
+        pytest.skip("this system does not route all of 127.0.0.0/8 to loopback")
+    alice = new_client(server)
+    sid = issued_sid(server)
+    page = socket.create_connection(("127.0.0.1", port), timeout=10)
+    page.sendall(http_request("GET", "/api/poll?timeout=0",
+                              {"Host": "127.0.0.1", "Cookie": f"sid={sid}"}))
+    version = json.loads(read_answer(page)[2])["version"]
+    page.sendall(http_request("GET", f"/api/poll?since={version}&timeout=25",
+                              {"Host": "127.0.0.1", "Cookie": f"sid={sid}"}))
+    wait_until_parked(server, 1)
+    slow = {}  # file number -> (slow connection, its source address)
+    watch = select.poll()  # (select.select cannot watch file numbers past 1023)
+
+    def open_slow(source):
+        connection = socket.socket()
+        try:
+            connection.settimeout(5)
+            connection.bind((source, 0))
+            connection.connect(("127.0.0.1", port))
+            connection.sendall(SLOW_START)
+        except OSError:  # refused, or closed at once: tried again at the next refill
+            pass
+        slow[connection.fileno()] = connection, source
+        watch.register(connection, select.POLLIN)
+
+    def refill():
+        """Open a new slow connection for each one the server answered or closed."""
+        for number, _ in watch.poll(0):
+            connection, source = slow.pop(number)
+            watch.unregister(number)
+            connection.close()
+            open_slow(source)
+
+    def newcomer_served():
+        started = time.monotonic()
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2,
+                                          source_address=("127.0.0.250", 0)) as newcomer:
+                newcomer.sendall(b"GET /api/poll?timeout=0 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                 b"Connection: close\r\n\r\n")
+                status = read_answer(newcomer)[0]
+        except OSError:  # (a time-out too)
+            return False
+        return status == 200 and time.monotonic() - started < 2
+
+    try:
+        for n in range(SLOW_ADDRESSES * SLOW_PER_ADDRESS):
+            open_slow("127.0.0.%d" % (10 + n % SLOW_ADDRESSES))
+        served = []
+        for _ in range(5):
+            refill()
+            served.append(newcomer_served())
+        assert served.count(True) >= 3, f"newcomers served in 2 s: {served}"
+        posted = alice.post("still here?")
+        assert posted.status == 201, posted.status
+        page.settimeout(10)
+        for _ in range(5):  # (the room may have changed first: someone arrived)
+            status, headers, body = read_answer(page)
+            assert status == 200, "the page's parked poll was dropped"
+            answer = json.loads(body)
+            if "still here?" in [message["text"] for message in answer["messages"]]:
+                break
+            page.sendall(http_request("GET", f"/api/poll?since={answer['version']}&timeout=25",
+                                      {"Host": "127.0.0.1", "Cookie": f"sid={sid}"}))
+        else:
+            raise AssertionError("the page never got the message on its connection")
+    finally:
+        page.close()
+        for connection, _ in slow.values():
+            connection.close()
+
+
+def test_a_new_connection_must_send_its_first_request_at_once(start_full_server):
+    # With --request-timeout 30, a connection that sends nothing, and one that sends part of a
+    # request line, are closed after FIRST_REQUEST_TIMEOUT (3 s), long before 30 s; while a
+    # kept-alive connection that has been answered waits for its next request as long as
+    # --request-timeout allows.
+    server = start_full_server("--request-timeout", "30")
+    request = b"GET /api/poll?timeout=0 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    connections = [socket.create_connection(("127.0.0.1", server.port), timeout=10)
+                   for _ in range(3)]
+    silent, partial, kept = connections
+    try:
+        partial.sendall(SLOW_START)
+        kept.sendall(request)
+        assert read_answer(kept)[0] == 200
+        started = time.monotonic()
+        for connection in (silent, partial):
+            connection.settimeout(max(0.1, started + 15 - time.monotonic()))
+            try:
+                assert connection.recv(100) == b"", "a slow first request was answered"
+            except ConnectionResetError:
+                pass
+            except TimeoutError:
+                raise AssertionError("a connection that sent no request in time was kept open "
+                                     "as if for --request-timeout") from None
+        assert time.monotonic() - started > 1, "closed before its first request was due"
+        assert is_open(kept), "a kept-alive connection was closed before --request-timeout"
+        kept.sendall(request)
+        assert read_answer(kept)[0] == 200
+    finally:
+        for connection in connections:
+            connection.close()
+
+
 def test_a_burst_of_connections_is_not_refused(full_server):
     # 300 clients connect at once: the listen backlog holds them all, and each gets an answer.
     connections = [socket.create_connection(("127.0.0.1", full_server.port), timeout=10)
