@@ -94,8 +94,14 @@ from urllib.parse import parse_qs
 # PART I. THE ROOM
 # ##################################################################################################
 # The whole room, plain and correct. A few of its methods are also the hooks that Parts II and III
-# override (Room.publish, Room.answer, Presence.park, ChatHandler.new_poll, ChatHandler.send):
-# here they do the simplest thing that works.
+# override (Room.publish, Room.answer, Presence.park, Presence.wait_until_time_to_look,
+# ChatHandler.new_poll, ChatHandler.send, count_post, uncount_post, issue_session_id): here they do
+# the simplest thing that works, and some take what only a later part uses (a poll's connection,
+# the message a change published).
+#
+# Short of time? The long-poll itself is section 2 (Room: poll, wait_for_change, answer, publish)
+# and, in section 7, ChatHandler.get_poll and post_message. The rest is what a room needs around
+# it: who is online, who you are, the rate limit, storage that loses nothing, bad input refused.
 
 # ==================================================================================================
 # 1. Settings
@@ -201,8 +207,8 @@ class Room:
         self.online_version = self.version  # the version at which `online` last changed
         self.closing = False  # the server is stopping: no poll waits any more
         self.waiting = 0  # polls parked now (for --log-polls)
-        # Two locks, so that waiting for the disk never holds up a poll: _write_lock puts the
-        # changes in a line (one version number each, saved in order), and is held while the
+        # Two locks, so that waiting for the disk never holds up a poll: _write_lock makes the
+        # changes take turns (one version number each, saved in order), and is held while the
         # disk works; _lock guards the fields above, each time for a moment only, and `changed`
         # is the Condition, built on it, that parked polls wait on.
         self._write_lock = threading.Lock()
@@ -244,7 +250,7 @@ class Room:
         """
         deadline = time.monotonic() + timeout
         with self.changed:
-            if poll.since != self.version or self.closing:
+            if poll.since != self.version or self.closing or timeout <= 0:
                 return
             self.waiting += 1
             if self.log_polls:
@@ -276,7 +282,8 @@ class Room:
             snapshot = since is None or since > version
             online = self.online if snapshot or self.online_version > since else None
         # Up to the published version only: a message being saved now is on the disk before it
-        # is published, and no page may see it before then.
+        # is published, and no page may see it before then. And only as many as fit in
+        # MAX_ANSWER_BYTES (that_fit, after this class).
         if snapshot:
             stored = self.storage.latest_messages(version, SNAPSHOT_SIZE)
             messages = that_fit(reversed(stored), size=json_size)[::-1]  # (the newest)
@@ -1046,7 +1053,7 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
             try:
                 message, new = self.server.room.add_message(user, text, key)
             except DataFileGone:
-                self.server.limiter.refund(user.id)
+                self.uncount_post(user)
                 raise  # dispatch() says why
             except StorageError as error:
                 self.uncount_post(user)
@@ -1167,10 +1174,11 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
-        self.new_sid = None  # given
+        self.new_sid = None  # (its Set-Cookie is in this response: given once)
 
     def response_headers(self, status, body, content_type, headers):
-        """The headers of a response to this request, as (name, value) pairs."""
+        """The headers of a response to this request, as (name, value) pairs. (With a body left
+        unread, the response closes the connection: see dispatch.)"""
         if self.body_pending:
             self.close_connection = True
         lines = []
@@ -1465,13 +1473,13 @@ ARRIVALS_MAX_WAIT = 2.0  # seconds a newcomer waits for that pause at most, if p
 # every system call (a read of the disk, a write to a socket lets go of it): with a thousand pages,
 # a message costs many thread switches per delivery, and the last page hears the news long after
 # the first.
-# Change: the room keeps the list of pending polls, and uses it to send their responses (as this
-# design was first described: "the backend uses this list of pending requests to send the
-# corresponding HTTP responses"). The thread that changes the room takes the whole list
-# in one step, writes its own client's response first, then every pending response straight to its
-# socket without waiting for any client (send_now); then it wakes the parked threads one after
-# another, each waking the next when it is about to wait again (the relay), so that one woken
-# thread runs at a time.
+# Change: the room keeps the list of pending polls, and uses it to send their responses (in the
+# words of the chat-room example this design comes from: "the backend uses this list of pending
+# requests to send the corresponding HTTP responses"). The thread that changes the room takes the
+# whole list in one step, writes its own client's response first, then every pending response
+# straight to its socket without waiting for any client (send_now). The parked threads are still
+# woken, for their connections' next requests, but one after another: each wakes the next when it
+# is about to wait again (the relay), so that one woken thread runs at a time.
 # Measured by: bench_chatroom.py fanout (everyone reached, switches per delivery), sustained.
 
 class PendingPoll(Poll):
@@ -1879,7 +1887,7 @@ class FastHandlerMixin:
         body, headers = self.compressed(body, content_type, headers)
         lines = self.response_headers(status, body, content_type, headers)
         response = http_response(status, lines, body if self.command != "HEAD" else b"")
-        self.new_sid = None  # given
+        self.new_sid = None  # (its Set-Cookie is in this response: given once)
         try:
             rest = send_now(self.connection, response)
         finally:
