@@ -4226,13 +4226,14 @@ def test_reading_back_is_not_yanked_and_the_newest_is_a_click_away(start_server,
                 expect(person.row(text)).to_be_in_viewport(ratio=1)
 
 
-def test_the_panel_shows_the_long_poll_at_work(browser_room, people):
+def test_the_panel_shows_the_long_poll_at_work(start_full_server, people):
     # Bea opens "How this page talks to the server" (closed at first). It shows her poll open, the
     # seconds of its wait ticking; when someone posts, that poll's answer with the message it
     # carried and the new version, and her next poll open; her own post, and the rate limit.
     # Closed, it is not touched at all, yet shows on opening what happened meanwhile. It stays
     # open across a reload, and closed once closed.
-    bea = people(browser_room)
+    room = start_full_server(*ORIGINAL_LIMITS)  # a quiet room: no one else's comings and goings
+    bea = people(room)
     page = bea.page
     panel, summary = page.locator("#panel"), page.locator("#panel summary")
     open_poll, waiting = page.locator("#panel-open"), page.locator("#panel-waiting")
@@ -4241,7 +4242,7 @@ def test_the_panel_shows_the_long_poll_at_work(browser_room, people):
     summary.click()
     expect(open_poll).to_have_text(re.compile(r"^GET /api/poll\?since=\d+$"))
     expect(waiting).to_have_text(re.compile(r"^, waiting [1-9]\d*\ss…$"))  # it has ticked
-    message_id = someone_says(browser_room, unique("for Bea's panel"))
+    message_id = someone_says(room, unique("for Bea's panel"))
     expect(done.filter(has_text=f"version {message_id}")).to_have_text(re.compile(
         rf"^GET /api/poll\?since=\d+ answered after [\d.]+\sm?s: 1 new message, "
         rf"version {message_id}$"))
@@ -4259,7 +4260,7 @@ def test_the_panel_shows_the_long_poll_at_work(browser_room, people):
     expect(panel).not_to_have_attribute("open", "")
     page.evaluate(WATCH_THE_PANEL)
     closed_at = page.evaluate("performance.now()")
-    quiet_id = someone_says(browser_room, unique("while Bea's panel is closed"))
+    quiet_id = someone_says(room, unique("while Bea's panel is closed"))
     bea.caught_up(quiet_id)
     wait_until(lambda: page.evaluate("performance.now()") > closed_at + 1100,
                message="the panel's tick to have come, had it been running")
