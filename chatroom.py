@@ -94,7 +94,7 @@ from urllib.parse import parse_qs
 # PART I. THE ROOM
 # ##################################################################################################
 # The whole room, plain and correct. A few of its methods are also the hooks that Parts II and III
-# override (Room.publish, Room.answer, Presence.park, Presence.wait_until_time_to_look,
+# override (Room.publish, Room.answer, Presence.poll_began, Presence.wait_until_time_to_look,
 # ChatHandler.new_poll, ChatHandler.send, count_post, uncount_post, issue_session_id): here they do
 # the simplest thing that works, and some take what only a later part uses (a poll's connection,
 # the message a change published).
@@ -225,12 +225,12 @@ class Room:
         ChatHandler.read_poll).
         """
         if present:
-            self.presence.park(poll)
+            self.presence.poll_began(poll)
         try:
             self.wait_for_change(poll, timeout)
         finally:
             if present:
-                self.presence.unpark(poll)
+                self.presence.poll_ended(poll)
         return self.answer(poll.since, poll.user)
 
     def wait_for_change(self, poll, timeout):
@@ -422,38 +422,41 @@ def json_size(message):
 # ==================================================================================================
 
 class Presence:
-    """Who is online: anyone with a parked poll, or whose last poll is within the online window."""
+    """Who is online: anyone with a poll in progress, or whose last poll ended within the online
+    window. (A poll in progress is counted from its start, parked or not.)"""
 
     def __init__(self, window):
         self.window = window
         self._lock = threading.Lock()  # guards the two fields below
         self._last_seen = {}  # user id -> (User, time.monotonic() of their last poll)
-        self._parked = collections.defaultdict(list)  # user id -> [Poll, ...], oldest first
+        self._polling = collections.defaultdict(list)  # user id -> their polls in progress,
+        #                                                  oldest first
 
-    def park(self, poll):
-        """Count a parked poll, and its user as seen now."""
+    def poll_began(self, poll):
+        """A poll began: count it, and its user as seen now."""
         with self._lock:
             self._seen_now(poll.user)
-            self._parked[poll.user.id].append(poll)
+            self._polling[poll.user.id].append(poll)
 
-    def unpark(self, poll):
-        """A parked poll ended: its user was seen now, unless it no longer counted."""
+    def poll_ended(self, poll):
+        """A poll ended: its user was seen now, unless it no longer counted (a later part may
+        stop counting a poll before it ends)."""
         with self._lock:
-            if self._drop_parked(poll):
+            if self._stop_counting(poll):
                 self._seen_now(poll.user)
 
     def _seen_now(self, user):
         """The caller holds _lock."""
         self._last_seen[user.id] = (user, time.monotonic())
 
-    def _drop_parked(self, poll):
-        """Stop counting a parked poll. True if it was counted. The caller holds _lock."""
-        polls = self._parked.get(poll.user.id, [])
+    def _stop_counting(self, poll):
+        """Stop counting a poll. True if it was counted. The caller holds _lock."""
+        polls = self._polling.get(poll.user.id, [])
         if poll not in polls:
             return False
         polls.remove(poll)
         if not polls:
-            del self._parked[poll.user.id]
+            del self._polling[poll.user.id]
         return True
 
     def online_list(self):
@@ -463,11 +466,11 @@ class Presence:
             return [user.public() for user in self._sorted_users()]
 
     def _forget_departed(self):
-        """Forget those with no parked poll and none within the window. True if anyone left.
+        """Forget those with no poll in progress and none within the window. True if anyone left.
         The caller holds _lock."""
         now = time.monotonic()
         departed = [user_id for user_id, (_, seen) in self._last_seen.items()
-                    if user_id not in self._parked and now - seen > self.window]
+                    if user_id not in self._polling and now - seen > self.window]
         for user_id in departed:
             del self._last_seen[user_id]
         return bool(departed)
@@ -1538,12 +1541,12 @@ class BroadcastRoomMixin:
         """As Part I's, but returns None if the room has already written the response to the
         poll's socket (see write_answers)."""
         if present:
-            self._count_parked(poll)
+            self._count_poll(poll)
         try:
             self.wait_for_change(poll, timeout)
         finally:
             if present:
-                self.presence.unpark(poll)
+                self.presence.poll_ended(poll)
         if poll.written:
             return None
         return self.answer(poll.since, poll.user)
@@ -1586,10 +1589,10 @@ class BroadcastRoomMixin:
             if poll.woken_by_relay:
                 self._relay.owed = True  # we owe the next thread its wake-up
 
-    def _count_parked(self, poll):
+    def _count_poll(self, poll):
         """Count the poll as its user's; if the presence says they have too many (Part III caps
         them), let their oldest go now: its own thread answers it."""
-        oldest = self.presence.park(poll)
+        oldest = self.presence.poll_began(poll)
         if oldest is not None:
             with self._lock:
                 if oldest in self._pending:  # still parked, and still ours to take
@@ -2699,9 +2702,9 @@ class WatchfulPresenceMixin:
     def __init__(self, window):
         super().__init__(window)
         self._parked_on = {}  # socket -> the poll parked on it (guarded by _lock)
-        # The selector has a lock of its own, because park() and unpark() run for every poll and
-        # must make no system call while they hold _lock: a system call lets go of the GIL, and
-        # every other poll would queue on _lock until this thread got the GIL back.
+        # The selector has a lock of its own, because poll_began() and poll_ended() run for every
+        # poll and must make no system call while they hold _lock: a system call lets go of the
+        # GIL, and every other poll would queue on _lock until this thread got the GIL back.
         self._selector_lock = threading.Lock()
         # poll(), not the default epoll: epoll makes a system call for each socket registered,
         # inside _selector_lock; poll() only notes the socket, and calls the system once a look.
@@ -2716,21 +2719,21 @@ class WatchfulPresenceMixin:
         with self._lock:
             return user_id in self._last_seen
 
-    def park(self, poll):
-        """Count a poll; return the user's oldest parked poll if they now have too many."""
-        super().park(poll)
+    def poll_began(self, poll):
+        """Count a poll; return the user's oldest poll if they now have too many."""
+        super().poll_began(poll)
         with self._lock:
             self._parked_on[poll.connection] = poll
-            polls = self._parked.get(poll.user.id, [])
+            polls = self._polling.get(poll.user.id, [])
             if len(polls) > MAX_PARKED_PER_USER:
                 oldest = polls[0]
-                self._drop_parked(oldest)
+                self._stop_counting(oldest)
                 return oldest
         return None
 
-    def _drop_parked(self, poll):
+    def _stop_counting(self, poll):
         self._parked_on.pop(poll.connection, None)
-        return super()._drop_parked(poll)
+        return super()._stop_counting(poll)
 
     def online_list(self):
         self._forget_closed_connections()
@@ -2770,7 +2773,7 @@ class WatchfulPresenceMixin:
                 if poll is None or not peer_has_closed(key.fileobj):
                     continue  # no poll parked on it (its own thread reads it), or a request
                 closed.append(key.fileobj)
-                self._drop_parked(poll)
+                self._stop_counting(poll)
         for connection in closed:
             self.forget_connection(connection)
 
