@@ -1675,7 +1675,11 @@ class BroadcastRoomMixin:
                 self.online, self.online_json = online, online_json
                 self.online_version = version
             taken, self._pending = self._pending, {}
-        self._taken_here.polls = {**getattr(self._taken_here, "polls", {}), **taken}
+        mine = getattr(self._taken_here, "polls", None)
+        if mine:  # (a thread that changed the room twice before answering: rare)
+            mine.update(taken)
+        else:
+            self._taken_here.polls = taken  # not copied: a thousand polls, on every change
 
     def write_answers_taken_here(self):
         """Answer the pending polls this thread took when it changed the room, if any."""
